@@ -1,0 +1,76 @@
+"""The problem interface: forward models evaluate batches and report per-member success and failure reasons."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from enkg_dist.noise import NoiseCovariance
+
+
+@dataclass
+class ForwardResult:
+    """psi (B, m); ok (B,) bool; reasons[b] says why member b failed (None when it succeeded)."""
+
+    psi: torch.Tensor
+    ok: torch.Tensor
+    reasons: list[str | None]
+
+    @classmethod
+    def from_outputs(cls, psi: torch.Tensor) -> ForwardResult:
+        """Marks rows with non-finite values as failed."""
+        ok = torch.isfinite(psi).all(dim=1)
+        return cls(psi, ok, [None if bool(o) else "non-finite forward output" for o in ok])
+
+
+class ForwardModel(ABC):
+    """G: (B, *state_shape) -> (B, m). Built once per worker; must give each member's output independently of the
+    batch it came in (so results do not depend on how members were sharded)."""
+
+    state_shape: tuple[int, ...]
+    obs_size: int
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor) -> ForwardResult: ...
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[1:]) != tuple(self.state_shape):
+            raise ValueError(f"state shape mismatch: got {tuple(x.shape[1:])}, forward model expects "
+                             f"{tuple(self.state_shape)}")
+
+
+@dataclass
+class InverseProblem:
+    """y = G(x) + eps, eps ~ N(0, Gamma)."""
+
+    name: str
+    forward: ForwardModel
+    y: torch.Tensor  # (m,)
+    Gamma: NoiseCovariance
+    x_true: torch.Tensor | None = None  # (*state_shape)
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.y.ndim != 1 or self.y.shape[0] != self.forward.obs_size or self.Gamma.m != self.y.shape[0]:
+            raise ValueError(f"observation size mismatch: y {tuple(self.y.shape)}, G gives {self.forward.obs_size}, "
+                             f"Gamma is {self.Gamma.m}x{self.Gamma.m}")
+
+
+def relative_l2(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """|x_j - x*| / |x*| for each member (rows of x)."""
+    diff = (x.reshape(x.shape[0], -1) - truth.reshape(1, -1)).norm(dim=1)
+    return diff / truth.reshape(-1).norm()
+
+
+def ensemble_metrics(x: torch.Tensor, truth: torch.Tensor | None) -> dict:
+    """The paper's metric (relative L2 per particle, averaged) and the ensemble mean's relative L2, and the spread."""
+    flat = x.reshape(x.shape[0], -1)
+    out = {"J": x.shape[0], "spread": float(flat.var(dim=0, unbiased=True).mean().sqrt())}
+    if truth is not None:
+        rel = relative_l2(x, truth)
+        out["rel_l2_particles"] = float(rel.mean())
+        out["rel_l2_particles_std"] = float(rel.std()) if x.shape[0] > 1 else 0.0
+        out["rel_l2_mean"] = float(relative_l2(flat.mean(0, keepdim=True), truth)[0])
+    return out
