@@ -71,8 +71,8 @@ def enkg_update(
     """EnKG corrector x_j <- x_j - w C_xpsi Gamma^{-1} (psi_j - y) (EnKG eq. 9-10), as Delta = A (X - mean X).
 
     A_jk = (1/J) <Gamma^{-1/2}(psi_j - y), Gamma^{-1/2}(psi_k - mean psi)>.  Step w = s/|A|_F (the authors' code) or
-    s/tr(C_psipsi) (the paper), both with Gamma-whitened outputs. `guard` caps w at guard/|C_psipsi|_F, an upper bound of
-    the largest eigenvalue, so a linearised step never overshoots (the failure of small ensembles). Members with
+    s/tr(C_psipsi) (the paper), both with Gamma-whitened outputs. `guard` caps w at guard/tr(C_psipsi): no step is
+    longer than the paper's rule at scale `guard`, which keeps small ensembles from collapsing. Members with
     ok=False take no part and are returned unchanged.
     """
     if rule not in STEP_RULES:
@@ -99,8 +99,8 @@ def enkg_update(
     else:
         w = scale / trace_Cpp
     guarded = False
-    if guard is not None and norm_Cpp > 0 and w > guard / norm_Cpp:
-        w, guarded = guard / norm_Cpp, True
+    if guard is not None and trace_Cpp > 0 and w > guard / trace_Cpp:
+        w, guarded = guard / trace_Cpp, True
     delta = A @ anomalies(X)
     X_new = (X - w * delta).reshape(xs.shape)
     info = UpdateInfo(w, norm_A, trace_Cpp, norm_Cpp, n, float((R**2).sum(1).mean()) / R.shape[1], guarded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,9 @@ class ForwardModel(ABC):
     obs_size: int
 
     @abstractmethod
-    def __call__(self, x: torch.Tensor) -> ForwardResult: ...
+    def __call__(self, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:
+        """Evaluate G on each row of x; `members` are the rows' ensemble indices (for naming and logging only: the
+        result for a row must never depend on them, nor on the other rows)."""
 
     def check_input(self, x: torch.Tensor) -> None:
         if tuple(x.shape[1:]) != tuple(self.state_shape):

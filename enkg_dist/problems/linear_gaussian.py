@@ -41,7 +41,7 @@ class SubsampleBlur(ForwardModel):
         up[..., :: self.k, :: self.k] = v.reshape(v.shape[0], 1, self.n // self.k, self.n // self.k)
         return self.blur_field(up)
 
-    def __call__(self, x: torch.Tensor) -> ForwardResult:
+    def __call__(self, x: torch.Tensor, members=None) -> ForwardResult:
         self.check_input(x)
         return ForwardResult.from_outputs(self.apply(x))
 
