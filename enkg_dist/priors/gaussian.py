@@ -88,16 +88,16 @@ class GaussianFieldPrior:
     def _mult(self, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.n, self.n):
             raise ValueError(f"field shape mismatch: got {tuple(x.shape[-2:])}, prior is {self.n}x{self.n}")
-        return _ifft(_fft(x) * multiplier.to(x.dtype), self.n)
+        return _ifft(_fft(x) * multiplier.to(device=x.device, dtype=x.dtype), self.n)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Exact D(x; sigma) = mu + F^{-1}[lam/(lam + sigma^2) F(x - mu)] for x = x0 + sigma n, x0 ~ prior."""
-        mu = self.mean.to(x.dtype)
+        mu = self.mean.to(device=x.device, dtype=x.dtype)
         return mu + self._mult(x - mu, self.lam / (self.lam + float(sigma) ** 2))
 
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         """Prior draws from white noise z (B, 1, N, N)."""
-        return self.mean.to(z.dtype) + self._mult(z, self.lam.sqrt())
+        return self.mean.to(device=z.device, dtype=z.dtype) + self._mult(z, self.lam.sqrt())
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """C^{-1/2} x for rows x (B, d) or fields (B, 1, N, N); returns the same shape."""

@@ -29,7 +29,7 @@ class SubsampleBlur(ForwardModel):
     def blur_field(self, x: torch.Tensor) -> torch.Tensor:
         if self.blur == 0.0:
             return x
-        return torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * self.b.to(x.dtype), s=x.shape[-2:], norm="ortho")
+        return torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * self.b.to(device=x.device, dtype=x.dtype), s=x.shape[-2:], norm="ortho")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """H x for fields (B, 1, N, N) -> (B, m)."""
@@ -37,7 +37,7 @@ class SubsampleBlur(ForwardModel):
 
     def adjoint(self, v: torch.Tensor) -> torch.Tensor:
         """H^T v for (B, m) -> fields (B, 1, N, N): zero-fill up-sampling, then the (symmetric) blur."""
-        up = torch.zeros(v.shape[0], 1, self.n, self.n, dtype=v.dtype)
+        up = torch.zeros(v.shape[0], 1, self.n, self.n, dtype=v.dtype, device=v.device)
         up[..., :: self.k, :: self.k] = v.reshape(v.shape[0], 1, self.n // self.k, self.n // self.k)
         return self.blur_field(up)
 

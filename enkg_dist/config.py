@@ -1,0 +1,209 @@
+"""Validated run configuration: YAML in, one-line errors out (naming the bad key and the allowed values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from enkg_dist.sampler import EnKGConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinearGaussianProblem(_Model):
+    """y = S_k(B x) + N(0, noise_std^2 I) on the Gaussian-field prior; the exact posterior is known."""
+
+    kind: Literal["linear_gaussian"] = "linear_gaussian"
+    n: int = Field(64, ge=4, le=1024, description="grid size N (N x N field)")
+    k: int = Field(2, ge=1, description="keep every k-th grid point")
+    blur: float = Field(0.0, ge=0, description="Gaussian blur width before subsampling, in domain units")
+    noise_std: float = Field(0.1, gt=0, description="observation noise std")
+    truth_seed: int = Field(0, ge=0, description="seed of the hidden truth and of the observation noise")
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.n % self.k:
+            raise ValueError(f"n={self.n} is not a multiple of k={self.k}")
+        return self
+
+
+ProblemConfig = Annotated[Union[LinearGaussianProblem], Field(discriminator="kind")]
+
+
+class GaussianPrior(_Model):
+    """Stationary Gaussian random field, spectrum (|k|^2 + tau^2)^(-alpha), exact denoiser."""
+
+    kind: Literal["gaussian"] = "gaussian"
+    alpha: float = Field(2.0, gt=0)
+    tau: float = Field(3.0, gt=0)
+    std: float = Field(0.5, gt=0, description="pointwise prior std")
+
+
+PriorConfig = Annotated[Union[GaussianPrior], Field(discriminator="kind")]
+
+
+class EnKGSettings(_Model):
+    """EnKG hyperparameters (enkg.md §2); see enkg_dist.sampler.EnKGConfig."""
+
+    ensemble_size: int = Field(256, ge=2, description="J")
+    num_steps: int = Field(80, ge=1, description="N, diffusion steps")
+    sigma_max: float = Field(80.0, gt=0)
+    sigma_min: float = Field(0.002, gt=0)
+    rho: float = Field(7.0, gt=0)
+    scale: float = Field(2.0, gt=0, description="guidance scale s")
+    lr_min_ratio: float | None = Field(None, ge=0, le=1, description="linear decay of s to this ratio (None: constant)")
+    step_rule: Literal["frobenius", "trace"] = "frobenius"
+    guard: float | None = Field(1.0, gt=0, description="cap w <= guard/tr(C_psipsi); null for the authors' step")
+    num_corrections: int = Field(2, ge=0, description="K")
+    guidance_start: float = Field(0.05, ge=0, le=1)
+    guidance_end: float = Field(0.05, ge=0, le=1)
+    ode_divisor: int = Field(4, ge=1)
+    ode_max_steps: int = Field(20, ge=1)
+    predictor: Literal["euler", "heun"] = "euler"
+    failure_policy: Literal["keep", "resample"] = "keep"
+
+    def sampler_config(self) -> EnKGConfig:
+        return EnKGConfig(**self.model_dump(exclude={"ensemble_size"}))
+
+
+class EKISettings(_Model):
+    """Plain ensemble Kalman inversion (no diffusion prior), initial ensemble drawn from the Gaussian prior."""
+
+    ensemble_size: int = Field(256, ge=2)
+    iterations: int = Field(20, ge=1)
+    dt: float = Field(1.0, gt=0)
+    stochastic: bool = False
+    tikhonov: bool = Field(False, description="add the prior as observations (Tikhonov-EKI)")
+
+
+class RunConfig(_Model):
+    """A whole run."""
+
+    name: str = "run"
+    method: Literal["enkg", "eki"] = "enkg"
+    seed: int = Field(0, ge=0, description="run seed: member j's streams derive from (seed, j)")
+    dtype: Literal["float64", "float32"] = "float64"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    output_dir: str = "runs"
+    problem: ProblemConfig = Field(default_factory=LinearGaussianProblem)
+    prior: PriorConfig = Field(default_factory=GaussianPrior)
+    enkg: EnKGSettings = Field(default_factory=EnKGSettings)
+    eki: EKISettings = Field(default_factory=EKISettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """A problem or prior given without `kind` takes the default kind."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, kind in (("problem", "linear_gaussian"), ("prior", "gaussian")):
+                if isinstance(data.get(key), dict) and "kind" not in data[key]:
+                    data[key] = {"kind": kind, **data[key]}
+        return data
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The BaseModel classes in an annotation (unwrapping Annotated / Union / Optional)."""
+    args = getattr(annotation, "__args__", None)
+    if args is None:
+        return [annotation] if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    return [m for a in args for m in _models_in(a)]
+
+
+def _resolve(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Walk an error location: the user's key path (without union tags) and the model owning its last key."""
+    keys, owner, pending = [], RunConfig, None
+    for part in loc:
+        if owner is not None and "kind" in owner.model_fields and owner.model_fields["kind"].default == part:
+            continue  # the tag of a one-member union
+        if pending is not None:  # a discriminated union names its member by its tag
+            owner = next((m for m in pending if m.model_fields["kind"].default == part), None)
+            pending = None
+            if owner is not None:
+                continue
+        keys.append(str(part))
+        field = owner.model_fields.get(part) if owner is not None and isinstance(part, str) else None
+        models = _models_in(field.annotation) if field is not None else []
+        owner, pending = (models[0], None) if len(models) == 1 else (None, models or None)
+    return keys, owner
+
+
+def _one_line(exc: ValidationError) -> str:
+    """First error of a ValidationError as 'config error: a.b: message (allowed: ...)'."""
+    err = exc.errors()[0]
+    keys, _ = _resolve(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        _, owner = _resolve(err["loc"][:-1])
+        allowed = ", ".join(owner.model_fields) if owner is not None else "?"
+        msg = f"unknown key (allowed: {allowed})"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error: {'.'.join(keys) or '<root>'}: {msg}{more}"
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML scalar/list/dict syntax (1, 0.5, true, null, [1, 2])."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply 'a.b.c=value' overrides to a nested dict (creating levels as needed)."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML job (the embedded default when `path` is None), apply overrides, validate."""
+    if path is None:
+        text = default_job_text()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: job file {str(p)!r} not found")
+        text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {path}: the job must be a mapping of keys, got {type(data).__name__}")
+    return validate(apply_overrides(data, overrides or []))
+
+
+def validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def default_job_text() -> str:
+    from importlib.resources import files
+
+    return files("enkg_dist").joinpath("jobs/default.yaml").read_text()
+
+
+def dump(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (every default filled in)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,156 @@
+"""Builds problem, prior and evaluator from a RunConfig and runs EnKG (or EKI) in-process, writing a run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from enkg_dist import config as cfgmod
+from enkg_dist import rng, sampler, schedules
+from enkg_dist.plots import reconstruction_figure
+from enkg_dist.problems.base import InverseProblem, ensemble_metrics, relative_l2
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built from the config."""
+
+    problem: InverseProblem
+    prior: object  # has denoise(x, sigma), state_shape; Gaussian priors also sample/whiten
+    posterior: object | None = None  # exact posterior where one exists
+    observation_image: torch.Tensor | None = None
+
+
+@dataclass
+class LocalEvaluator:
+    """evaluate(x_hat) -> (psi, ok) in this process; counts forward runs and keeps failure reasons."""
+
+    problem: InverseProblem
+    n_evals: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (member, reason) of the last call
+
+    def __call__(self, x_hat: torch.Tensor):
+        res = self.problem.forward(x_hat, members=range(x_hat.shape[0]))
+        self.n_evals += x_hat.shape[0]
+        self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
+        return res.psi, res.ok
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise cfgmod.ConfigError("config error: device: 'cuda' was asked but no CUDA device is available")
+    return torch.device(name)
+
+
+def build(cfg: cfgmod.RunConfig) -> Built:
+    """Problem, prior and exact posterior (when known) for a config."""
+    from enkg_dist.problems import linear_gaussian
+
+    p, pr = cfg.problem, cfg.prior
+    if p.kind == "linear_gaussian":
+        problem, prior, post = linear_gaussian.make_problem(
+            n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
+            truth_seed=p.truth_seed)
+        obs = problem.y.reshape(p.n // p.k, p.n // p.k)
+        return Built(problem, prior, post, obs)
+    raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
+
+
+def new_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> Path:
+    """A fresh directory under output_dir named after the job, with the resolved config written first."""
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+        run_dir, i = base, 1
+        while run_dir.exists():
+            run_dir, i = Path(f"{base}-{i}"), i + 1
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfgmod.dump(cfg))
+    return run_dir
+
+
+def forward_budget(cfg: cfgmod.RunConfig) -> dict:
+    """Forward evaluations the run will make: total and sequential (per member)."""
+    if cfg.method == "eki":
+        return {"forward_evaluations": cfg.eki.ensemble_size * cfg.eki.iterations, "sequential": cfg.eki.iterations}
+    e = cfg.enkg
+    seq = len(schedules.guided_steps(e.num_steps, e.guidance_start, e.guidance_end)) * e.num_corrections
+    return {"forward_evaluations": seq * e.ensemble_size, "sequential": seq}
+
+
+def _posterior_metrics(built: Built, x: torch.Tensor, metrics: dict) -> dict:
+    post, pb = built.posterior, built.problem
+    if post is None or pb.x_true is None:
+        return {}
+    m_post = post.mean(pb.y.to(torch.float64))
+    bayes = float(relative_l2(m_post[None], pb.x_true.to(torch.float64))[0])
+    post_std = float(post.variance().mean().sqrt())
+    return {
+        "posterior_mean_rel_l2": bayes,
+        "ratio_to_bayes": metrics["rel_l2_mean"] / bayes,
+        "posterior_spread": post_std,
+        "spread_ratio": metrics["spread"] / post_std,
+    }
+
+
+def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
+    """Run a job in-process; returns the run directory and the metrics written to it."""
+    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    out = new_run_dir(cfg, run_dir)
+    built = build(cfg)
+    pb = built.problem
+    y = pb.y.to(device=device, dtype=dtype)
+    evaluator = LocalEvaluator(pb)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    if cfg.method == "enkg":
+        e = cfg.enkg
+        scfg = e.sampler_config()
+        x_T = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
+        bar = tqdm(total=scfg.num_steps, desc="EnKG steps", unit="step", disable=not progress)
+
+        def on_step(rec: sampler.StepRecord):
+            for c in rec.corrections:
+                history.append({"step": rec.i, "k": c.k, "sigma": rec.sigma, "n_ode": c.n_ode, "weight": c.info.weight,
+                                "misfit": c.info.misfit, "n_ok": c.info.n_ok, "guarded": c.info.guarded})
+            bar.update(1)
+            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{history[-1]['misfit']:.3g}" if history else "-")
+
+        x = sampler.enkg_sample(built.prior.denoise, evaluator, x_T.to(device), y, pb.Gamma, scfg, cfg.seed, on_step)
+        bar.close()
+    else:
+        k = cfg.eki
+        z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
+        x0 = built.prior.sample(z.to(device))
+        tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
+        bar = tqdm(total=k.iterations, desc="EKI iterations", unit="it", disable=not progress)
+
+        def on_iter(n, x, info):
+            history.append({"iteration": n, "misfit": info.misfit, "n_ok": info.n_ok})
+            bar.update(1)
+            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")
+
+        x = sampler.eki(evaluator, x0, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik, on_iter)
+        bar.close()
+    wall = time.perf_counter() - t0
+    x = x.detach().to("cpu", torch.float64)
+    truth = None if pb.x_true is None else pb.x_true.to(torch.float64)
+    metrics = ensemble_metrics(x, truth)
+    metrics.update(_posterior_metrics(built, x, metrics))
+    metrics.update({"forward_evaluations": evaluator.n_evals, "wall_seconds": wall, "method": cfg.method})
+    mean, std = x.mean(0), x.std(0)
+    torch.save({"particles": x, "mean": mean, "std": std}, out / "ensemble.pt")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    reconstruction_figure(out / "reconstruction.png", truth, built.observation_image, mean, std,
+                          title=f"{cfg.name}: rel. L2 of mean {metrics.get('rel_l2_mean', float('nan')):.3f}")
+    return out, metrics
