@@ -31,6 +31,25 @@ def _ifft(xh, n):
     return torch.fft.irfft2(xh, s=(n, n), norm="ortho")
 
 
+def _shells(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shell index round(|k|) and multiplicity of each rfft2 coefficient, flattened."""
+    k1, k2 = wavenumbers(n)
+    return torch.round(torch.sqrt(k1**2 + k2**2)).long().reshape(-1), rfft_weights(n).reshape(-1)
+
+
+def shell_sum(half: torch.Tensor) -> torch.Tensor:
+    """Sum of a half-grid quantity over shells of integer |k| (the radially summed spectrum)."""
+    shell, w = _shells(half.shape[0])
+    return torch.zeros(int(shell.max()) + 1, dtype=half.dtype).index_add_(0, shell, w * half.reshape(-1))
+
+
+def shell_average(half: torch.Tensor) -> torch.Tensor:
+    """Replace each coefficient by the mean over its shell of integer |k| (isotropic smoothing)."""
+    shell, w = _shells(half.shape[0])
+    count = torch.zeros(int(shell.max()) + 1, dtype=half.dtype).index_add_(0, shell, w)
+    return (shell_sum(half) / count.clamp_min(1))[shell].reshape(half.shape)
+
+
 @dataclass
 class GaussianFieldPrior:
     """x = mu + F^{-1}[sqrt(lam) F z], z white: covariance C = F^{-1} diag(lam) F with orthonormal F.
@@ -75,23 +94,22 @@ class GaussianFieldPrior:
         mean = data.mean(0)
         power = (_fft(data - mean).abs() ** 2).sum(0) / (data.shape[0] - 1)
         if radial:
-            k1, k2 = wavenumbers(n)
-            shell = torch.round(torch.sqrt(k1**2 + k2**2)).long().reshape(-1)
-            w = rfft_weights(n).reshape(-1)
-            tot = torch.zeros(int(shell.max()) + 1, dtype=torch.float64).index_add_(0, shell, w * power.reshape(-1))
-            cnt = torch.zeros_like(tot).index_add_(0, shell, w)
-            power = (tot / cnt.clamp_min(1))[shell].reshape(power.shape)
+            power = shell_average(power)
         # a mode with no variance in the data (e.g. the removed mean) keeps a tiny floor so whitening stays finite
         lam = power.clamp_min(floor * float(power.max()))
         return cls(lam, mean)
 
-    def _mult(self, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.n, self.n):
+    def _check(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != (self.n, self.n):
             raise ValueError(f"field shape mismatch: got {tuple(x.shape[-2:])}, prior is {self.n}x{self.n}")
+
+    def _mult(self, x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+        self._check(x)
         return _ifft(_fft(x) * multiplier.to(device=x.device, dtype=x.dtype), self.n)
 
     def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Exact D(x; sigma) = mu + F^{-1}[lam/(lam + sigma^2) F(x - mu)] for x = x0 + sigma n, x0 ~ prior."""
+        self._check(x)
         mu = self.mean.to(device=x.device, dtype=x.dtype)
         return mu + self._mult(x - mu, self.lam / (self.lam + float(sigma) ** 2))
 
@@ -120,7 +138,4 @@ class GaussianFieldPrior:
 
     def radial_spectrum(self) -> torch.Tensor:
         """Sum of lam over shells of integer |k|, for comparisons with data."""
-        k1, k2 = wavenumbers(self.n)
-        shell = torch.round(torch.sqrt(k1**2 + k2**2)).long().reshape(-1)
-        w = rfft_weights(self.n).reshape(-1)
-        return torch.zeros(int(shell.max()) + 1, dtype=torch.float64).index_add_(0, shell, w * self.lam.reshape(-1))
+        return shell_sum(self.lam)
