@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--set", "problem.n=16", "--set", "enkg.ensemble_size=16", "--set", "enkg.num_steps=20"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "enkg_dist.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_run_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", *SMALL, "--run-dir", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "run directory" in r.stdout
+    for name in ("config.yaml", "metrics.json", "history.json", "ensemble.pt", "reconstruction.png"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["J"] == 16 and m["forward_evaluations"] == 16 * 2 * 17 and 0 < m["rel_l2_mean"] < 1.5
+    assert (out / "reconstruction.png").stat().st_size > 10_000
+    assert "ensemble_size: 16" in (out / "config.yaml").read_text()
+
+
+def test_eki_method_runs(tmp_path):
+    r = cli("run", "--set", "method=eki", "--set", "problem.n=16", "--set", "eki.ensemble_size=40",
+            "--set", "eki.iterations=3", "--run-dir", str(tmp_path / "e"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["forward_evaluations"] == 120
+
+
+def test_dry_run_and_errors(tmp_path):
+    r = cli("run", "--dry-run")
+    assert r.returncode == 0 and "budget" in r.stdout and "forward_evaluations" in r.stdout
+    r = cli("run", "--dry-run", "--set", "enkg.bogus=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: config error: enkg.bogus: unknown key")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("run", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+@pytest.mark.parametrize("job", ["jobs/linear_gaussian_32.yaml"])
+def test_shipped_jobs_validate(job):
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = cli("run", str(root / job), "--dry-run")
+    assert r.returncode == 0, r.stderr
