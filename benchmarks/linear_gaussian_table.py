@@ -18,14 +18,14 @@ from enkg_dist.problems.base import ensemble_metrics, relative_l2
 from enkg_dist.problems.linear_gaussian import make_problem
 
 CASES = [  # (label, J, rule, scale, guard)
-    ("authors: s=2, |A|_F, no guard", 64, "frobenius", 2.0, None),
-    ("authors: s=2, |A|_F, no guard", 256, "frobenius", 2.0, None),
-    ("authors: s=2, |A|_F, no guard", 1024, "frobenius", 2.0, None),
+    ("authors: s=2, ‖A‖_F, no guard", 64, "frobenius", 2.0, None),
+    ("authors: s=2, ‖A‖_F, no guard", 256, "frobenius", 2.0, None),
+    ("authors: s=2, ‖A‖_F, no guard", 1024, "frobenius", 2.0, None),
     ("paper: s=1, 1/tr(C_yy)", 256, "trace", 1.0, None),
     ("paper: s=1, 1/tr(C_yy)", 1024, "trace", 1.0, None),
-    ("enkg-dist default: s=2, |A|_F, guard 1", 64, "frobenius", 2.0, 1.0),
-    ("enkg-dist default: s=2, |A|_F, guard 1", 256, "frobenius", 2.0, 1.0),
-    ("enkg-dist default: s=2, |A|_F, guard 1", 1024, "frobenius", 2.0, 1.0),
+    ("enkg-dist default: s=2, ‖A‖_F, guard 1", 64, "frobenius", 2.0, 1.0),
+    ("enkg-dist default: s=2, ‖A‖_F, guard 1", 256, "frobenius", 2.0, 1.0),
+    ("enkg-dist default: s=2, ‖A‖_F, guard 1", 1024, "frobenius", 2.0, 1.0),
 ]
 
 

@@ -31,6 +31,7 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the resolved config and budget"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="write here instead of output_dir/NAME-TIME"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
 ):
     """Run an EnKG (or EKI) inversion."""
     from enkg_dist import runner
@@ -44,7 +45,7 @@ def run(
         typer.echo(f"# budget: {json.dumps(runner.forward_budget(cfg))}")
         return
     try:
-        out, metrics = runner.run(cfg, run_dir, progress=progress)
+        out, metrics = runner.run(cfg, run_dir, progress=progress, address=address)
     except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     keys = ["rel_l2_particles", "rel_l2_mean", "posterior_mean_rel_l2", "ratio_to_bayes", "spread_ratio",

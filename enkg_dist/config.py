@@ -85,6 +85,36 @@ class EKISettings(_Model):
     tikhonov: bool = Field(False, description="add the prior as observations (Tikhonov-EKI)")
 
 
+class ExecutionSettings(_Model):
+    """Where the work runs: in this process, or on a Ray cluster (prior actors + simulator workers)."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray address ('auto', HOST:PORT); null starts an embedded Ray")
+    num_workers: int = Field(2, ge=1, description="simulator worker actors")
+    worker_cpus: float = Field(1.0, ge=0, description="CPUs reserved per simulator worker")
+    worker_gpus: float = Field(0.0, ge=0, description="GPUs per simulator worker")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
+    batch_size: int = Field(1, ge=1, description="members per simulator task")
+    timeout: float | None = Field(None, gt=0, description="seconds per member before it is failed (null: none)")
+    straggler_factor: float | None = Field(None, gt=1, description="re-issue tasks slower than this x median")
+    max_retries: int = Field(3, ge=0, description="re-dispatches of a task whose worker died")
+    prior_actors: int = Field(1, ge=1, description="prior actors (one GPU each where GPUs exist)")
+    prior_gpus: float = Field(0.0, ge=0, description="GPUs per prior actor")
+    max_failed_fraction: float = Field(0.5, ge=0, le=1, description="stop cleanly when more members fail in a step")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray (null: this machine's)")
+    dashboard: bool = Field(False, description="start Ray's dashboard (bound to loopback) with an embedded Ray")
+
+
+class ChaosSettings(_Model):
+    """Failure injection around the forward model, for testing a deployment's fault handling."""
+
+    fail_rate: float = Field(0.1, ge=0, le=1, description="fraction of members that fail")
+    modes: list[Literal["raise", "nan", "hang"]] = Field(default_factory=lambda: ["raise", "nan", "hang"])
+    seed: int = Field(0, ge=0)
+    delay: float = Field(0.0, ge=0, description="seconds each member takes")
+    hang_seconds: float = Field(3600.0, gt=0, description="how long a hanging member sleeps")
+
+
 class RunConfig(_Model):
     """A whole run."""
 
@@ -98,6 +128,8 @@ class RunConfig(_Model):
     prior: PriorConfig = Field(default_factory=GaussianPrior)
     enkg: EnKGSettings = Field(default_factory=EnKGSettings)
     eki: EKISettings = Field(default_factory=EKISettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
+    chaos: ChaosSettings | None = Field(None, description="inject failures (testing only)")
 
     @model_validator(mode="before")
     @classmethod

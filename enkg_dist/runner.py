@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
 from enkg_dist import rng, sampler, schedules
+from enkg_dist.backends import Evaluator, TooManyFailures, local_backend, ray_backend
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.problems.base import InverseProblem, ensemble_metrics, relative_l2
 
@@ -25,21 +26,6 @@ class Built:
     prior: object  # has denoise(x, sigma), state_shape; Gaussian priors also sample/whiten
     posterior: object | None = None  # exact posterior where one exists
     observation_image: torch.Tensor | None = None
-
-
-@dataclass
-class LocalEvaluator:
-    """evaluate(x_hat) -> (psi, ok) in this process; counts forward runs and keeps failure reasons."""
-
-    problem: InverseProblem
-    n_evals: int = 0
-    failures: list[tuple[int, str]] = field(default_factory=list)  # (member, reason) of the last call
-
-    def __call__(self, x_hat: torch.Tensor):
-        res = self.problem.forward(x_hat, members=range(x_hat.shape[0]))
-        self.n_evals += x_hat.shape[0]
-        self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
-        return res.psi, res.ok
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,8 +46,19 @@ def build(cfg: cfgmod.RunConfig) -> Built:
             n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
             truth_seed=p.truth_seed)
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
-        return Built(problem, prior, post, obs)
+        return _with_chaos(cfg, Built(problem, prior, post, obs))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
+
+
+def _with_chaos(cfg: cfgmod.RunConfig, built: Built) -> Built:
+    """Wrap the forward model in failure injection when the config asks for it."""
+    if cfg.chaos is not None:
+        from enkg_dist.problems.chaos import ChaosForward
+
+        c = cfg.chaos
+        built.problem.forward = ChaosForward(built.problem.forward, c.fail_rate, c.modes, c.seed, c.hang_seconds,
+                                             c.delay)
+    return built
 
 
 def new_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> Path:
@@ -102,51 +99,44 @@ def _posterior_metrics(built: Built, x: torch.Tensor, metrics: dict) -> dict:
     }
 
 
-def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
-    """Run a job in-process; returns the run directory and the metrics written to it."""
+def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None):
+    """The configured backend; `address` (from the command line) selects Ray."""
+    ex = cfg.execution
+    if ex.backend == "ray" or address:
+        return ray_backend(built.prior, built.problem, ex, address)
+    return local_backend(built.prior, built.problem)
+
+
+def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True,
+        address: str | None = None) -> tuple[Path, dict]:
+    """Run a job; returns the run directory and the metrics written to it."""
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
     out = new_run_dir(cfg, run_dir)
     built = build(cfg)
     pb = built.problem
     y = pb.y.to(device=device, dtype=dtype)
-    evaluator = LocalEvaluator(pb)
+    backend = make_backend(cfg, built, address)
+    evaluator = Evaluator(backend.forward, cfg.execution.max_failed_fraction)
     history: list[dict] = []
     t0 = time.perf_counter()
-    if cfg.method == "enkg":
-        e = cfg.enkg
-        scfg = e.sampler_config()
-        x_T = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
-        bar = tqdm(total=scfg.num_steps, desc="EnKG steps", unit="step", disable=not progress)
-
-        def on_step(rec: sampler.StepRecord):
-            for c in rec.corrections:
-                history.append({"step": rec.i, "k": c.k, "sigma": rec.sigma, "n_ode": c.n_ode, "weight": c.info.weight,
-                                "misfit": c.info.misfit, "n_ok": c.info.n_ok, "guarded": c.info.guarded})
-            bar.update(1)
-            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{history[-1]['misfit']:.3g}" if history else "-")
-
-        x = sampler.enkg_sample(built.prior.denoise, evaluator, x_T.to(device), y, pb.Gamma, scfg, cfg.seed, on_step)
-        bar.close()
-    else:
-        k = cfg.eki
-        z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
-        x0 = built.prior.sample(z.to(device))
-        tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
-        bar = tqdm(total=k.iterations, desc="EKI iterations", unit="it", disable=not progress)
-
-        def on_iter(n, x, info):
-            history.append({"iteration": n, "misfit": info.misfit, "n_ok": info.n_ok})
-            bar.update(1)
-            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")
-
-        x = sampler.eki(evaluator, x0, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik, on_iter)
-        bar.close()
+    try:
+        if cfg.method == "enkg":
+            x = _run_enkg(cfg, built, backend, evaluator, y, dtype, device, history, progress)
+        else:
+            x = _run_eki(cfg, built, evaluator, y, dtype, device, history, progress)
+    except TooManyFailures as e:
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        (out / "stopped.json").write_text(json.dumps({"reason": str(e), "failures": evaluator.failures[:100]}))
+        raise
+    finally:
+        backend.close()
     wall = time.perf_counter() - t0
     x = x.detach().to("cpu", torch.float64)
     truth = None if pb.x_true is None else pb.x_true.to(torch.float64)
     metrics = ensemble_metrics(x, truth)
     metrics.update(_posterior_metrics(built, x, metrics))
-    metrics.update({"forward_evaluations": evaluator.n_evals, "wall_seconds": wall, "method": cfg.method})
+    metrics.update({"forward_evaluations": evaluator.n_evals, "failed_evaluations": evaluator.n_failed,
+                    "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats()})
     mean, std = x.mean(0), x.std(0)
     torch.save({"particles": x, "mean": mean, "std": std}, out / "ensemble.pt")
     (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -154,3 +144,40 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     reconstruction_figure(out / "reconstruction.png", truth, built.observation_image, mean, std,
                           title=f"{cfg.name}: rel. L2 of mean {metrics.get('rel_l2_mean', float('nan')):.3f}")
     return out, metrics
+
+
+def _run_enkg(cfg, built, backend, evaluator, y, dtype, device, history, progress):
+    """The EnKG step loop with progress and per-correction history."""
+    e, pb = cfg.enkg, built.problem
+    scfg = e.sampler_config()
+    sigmas = scfg.sigmas()
+    x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
+    x = x.to(device)
+    with tqdm(total=scfg.num_steps, desc="EnKG steps", unit="step", disable=not progress) as bar:
+        for i in range(scfg.num_steps):
+            rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas)
+            x = rec.x
+            for c in rec.corrections:
+                history.append({"step": rec.i, "k": c.k, "sigma": rec.sigma, "n_ode": c.n_ode,
+                                "weight": c.info.weight, "misfit": c.info.misfit, "n_ok": c.info.n_ok,
+                                "guarded": c.info.guarded})
+            bar.update(1)
+            bar.set_postfix(evals=evaluator.n_evals, failed=evaluator.n_failed,
+                            misfit=f"{history[-1]['misfit']:.3g}" if history else "-")
+    return x
+
+
+def _run_eki(cfg, built, evaluator, y, dtype, device, history, progress):
+    """Plain or Tikhonov EKI from a prior ensemble."""
+    k, pb = cfg.eki, built.problem
+    z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
+    x0 = built.prior.sample(z.to(device))
+    tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
+    with tqdm(total=k.iterations, desc="EKI iterations", unit="it", disable=not progress) as bar:
+
+        def on_iter(n, x, info):
+            history.append({"iteration": n, "misfit": info.misfit, "n_ok": info.n_ok})
+            bar.update(1)
+            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")
+
+        return sampler.eki(evaluator, x0, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik, on_iter)

@@ -141,7 +141,10 @@ def corrector(
     s_i = schedules.guidance_scale(i, cfg.num_steps, cfg.scale, cfg.lr_min_ratio)
     out = []
     for k in range(cfg.num_corrections):
-        x_hat = x_hat_map(denoise, x, sigma, n_ode, cfg.sigma_min, cfg.rho)
+        if hasattr(denoise, "x_hat_map"):  # a remote prior runs the whole inner ODE where the model lives
+            x_hat = denoise.x_hat_map(x, sigma, n_ode, cfg.sigma_min, cfg.rho)
+        else:
+            x_hat = x_hat_map(denoise, x, sigma, n_ode, cfg.sigma_min, cfg.rho)
         psi, ok = evaluate(x_hat)
         ok = _check_evaluation(psi, ok, J, y.shape[0])
         psi_clean = torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype))
@@ -161,7 +164,10 @@ def enkg_step(denoise, evaluate, x, i, y, Gamma, cfg: EnKGConfig, seed: int = 0,
     corrections = []
     if cfg.guided(i) and cfg.num_corrections > 0:
         x, corrections = corrector(denoise, evaluate, x, i, sigma, y, Gamma, cfg, seed)
-    x = predictor(denoise, x, sigma, sigma_next, cfg.predictor)
+    if hasattr(denoise, "predict"):
+        x = denoise.predict(x, sigma, sigma_next, cfg.predictor)
+    else:
+        x = predictor(denoise, x, sigma, sigma_next, cfg.predictor)
     return StepRecord(i, sigma, sigma_next, x, corrections)
 
 

@@ -77,3 +77,22 @@ def ensemble_metrics(x: torch.Tensor, truth: torch.Tensor | None) -> dict:
         out["rel_l2_particles_std"] = float(rel.std()) if x.shape[0] > 1 else 0.0
         out["rel_l2_mean"] = float(relative_l2(flat.mean(0, keepdim=True), truth)[0])
     return out
+
+
+def _one_line(e: BaseException) -> str:
+    lines = f"{type(e).__name__}: {e}".strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def safe_evaluate(G: ForwardModel, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:
+    """G(x) where an exception fails only the members that raise: the batch is retried member by member."""
+    members = list(range(x.shape[0])) if members is None else list(members)
+    try:
+        return G(x, members=members)
+    except Exception as e:  # the simulator is a black box: any exception is a failed member
+        if x.shape[0] == 1:
+            psi = torch.full((1, G.obs_size), float("nan"), dtype=x.dtype)
+            return ForwardResult(psi, torch.zeros(1, dtype=torch.bool), [f"simulator raised {_one_line(e)}"])
+    parts = [safe_evaluate(G, x[i : i + 1], [j]) for i, j in enumerate(members)]
+    return ForwardResult(torch.cat([p.psi for p in parts]), torch.cat([p.ok for p in parts]),
+                         [p.reasons[0] for p in parts])

@@ -1,0 +1,82 @@
+"""Execution backends: where the prior and the forward model run (this process, or Ray actors)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from enkg_dist.problems.base import ForwardResult, safe_evaluate
+
+
+class TooManyFailures(RuntimeError):
+    """More members failed in one evaluation than the configured fraction allows."""
+
+
+@dataclass
+class Backend:
+    """denoise(x, sigma) for the sampler, forward(x) -> ForwardResult, and what to close at the end."""
+
+    name: str
+    denoise: Callable
+    forward: Callable[[torch.Tensor], ForwardResult]
+    close: Callable[[], None] = lambda: None
+    stats: Callable[[], dict] = dict
+
+
+@dataclass
+class Evaluator:
+    """evaluate(x_hat) -> (psi, ok) for the sampler; counts runs, keeps failure reasons, enforces the failure cap."""
+
+    forward: Callable[[torch.Tensor], ForwardResult]
+    max_failed_fraction: float = 0.5
+    n_evals: int = 0
+    n_failed: int = 0
+    last: ForwardResult | None = None
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def __call__(self, x_hat: torch.Tensor):
+        res = self.forward(x_hat)
+        J = x_hat.shape[0]
+        self.n_evals += J
+        self.last = res
+        self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
+        ok = res.ok & torch.isfinite(res.psi).all(dim=1)
+        failed = int((~ok).sum())
+        self.n_failed += failed
+        if failed > self.max_failed_fraction * J:
+            first = next((r for r in res.reasons if r), "non-finite output")
+            raise TooManyFailures(f"{failed} of {J} members failed (limit {self.max_failed_fraction:.0%}); "
+                                  f"first reason: {first}")
+        return res.psi, ok
+
+
+def local_backend(prior, problem) -> Backend:
+    """Everything in this process."""
+    return Backend("local", prior.denoise, lambda x: safe_evaluate(problem.forward, x))
+
+
+def ray_backend(prior, problem, ex, address: str | None) -> Backend:
+    """Prior actors and a simulator worker pool on a Ray cluster (embedded local Ray when no address)."""
+    from enkg_dist.distributed import cluster
+    from enkg_dist.distributed.pool import PoolOptions, WorkerPool
+    from enkg_dist.distributed.prior import RemotePrior
+
+    cluster.connect(address or ex.address, num_cpus=ex.num_cpus, dashboard=ex.dashboard)
+    remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1)
+    pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
+        num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
+        resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,
+        straggler_factor=ex.straggler_factor, max_retries=ex.max_retries))
+
+    def close():
+        pool.shutdown()
+        remote_prior.shutdown()
+
+    def stats():
+        s = pool.stats
+        return {"workers_replaced": s.workers_replaced, "redispatched": s.redispatched, "reissued": s.reissued,
+                "timeouts": s.timeouts}
+
+    return Backend("ray", remote_prior, pool.evaluate, close, stats)

@@ -1,0 +1,25 @@
+"""Connecting to Ray: an existing cluster (`auto`, HOST:PORT) or an embedded local one bound to loopback."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+            dashboard: bool = False, host: str = "127.0.0.1") -> dict:
+    """Join the cluster at `address`, or start a local Ray sized to this machine; returns its resources."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    if address:
+        ray.init(address=address, logging_level="warning", log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=dashboard,
+                 dashboard_host=host, _node_ip_address=host, logging_level="warning")
+    return ray.cluster_resources()
+
+
+def disconnect() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

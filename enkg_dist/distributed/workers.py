@@ -1,0 +1,35 @@
+"""Simulator worker actors: each builds its forward model once and evaluates batches of members."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+
+from enkg_dist.problems.base import ForwardModel, safe_evaluate
+
+
+def build_forward(spec) -> ForwardModel:
+    """A ForwardModel, or a zero-argument factory that builds one (for models holding unpicklable resources)."""
+    return spec if isinstance(spec, ForwardModel) else spec()
+
+
+class SimulatorWorker:
+    """Holds one forward model; `evaluate(members, x)` returns (members, psi, ok, reasons) as numpy arrays."""
+
+    def __init__(self, spec):
+        self.G = build_forward(spec)
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, members: list[int], x: np.ndarray):
+        """G on each row; an exception fails only the members that raise."""
+        res = safe_evaluate(self.G, torch.from_numpy(np.array(x)), members)  # copy: object-store arrays are read-only
+        return members, res.psi.numpy(), res.ok.numpy(), list(res.reasons)
+
+
+RemoteSimulatorWorker = ray.remote(SimulatorWorker)

@@ -1,0 +1,125 @@
+import os
+import sys
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from enkg_dist import config as cfgmod
+from enkg_dist import runner
+from enkg_dist.distributed.pool import PoolOptions, WorkerPool
+from enkg_dist.problems.base import ForwardModel
+from enkg_dist.problems.chaos import ChaosForward
+from enkg_dist.problems.linear_gaussian import SubsampleBlur
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+
+SMALL = ["problem.n=16", "enkg.ensemble_size=12", "enkg.num_steps=12", "output_dir=/tmp/unused"]
+
+
+def _ensemble(tmp_path, name, *overrides):
+    cfg = cfgmod.load_config(None, SMALL + list(overrides))
+    out, metrics = runner.run(cfg, tmp_path / name, progress=False)
+    return torch.load(out / "ensemble.pt")["particles"], metrics
+
+
+def test_ray_equals_in_process_bit_for_bit_for_any_number_of_workers(tmp_path):
+    local, _ = _ensemble(tmp_path, "local")
+    for W in (1, 2, 3):
+        remote, m = _ensemble(tmp_path, f"ray{W}", "execution.backend=ray", f"execution.num_workers={W}",
+                              f"execution.batch_size={W}")
+        assert m["backend"] == "ray"
+        assert torch.equal(local, remote), W
+
+
+def _rows(J=24, n=8):
+    return torch.randn(J, 1, n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_killed_worker_mid_step_is_replaced_and_the_result_unchanged():
+    G = ChaosForward(SubsampleBlur(8, 2), fail_rate=0.0, delay=0.05)
+    x = _rows()
+    clean = G(x)
+    pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=3, batch_size=2))
+    try:
+        assert torch.equal(pool.evaluate(x).psi, clean.psi)  # all workers up
+        victim = pool.workers[0]
+        killer = threading.Timer(0.15, lambda: ray.kill(victim, no_restart=True))
+        killer.start()
+        res = pool.evaluate(x)
+        killer.join()
+        assert torch.equal(res.psi, clean.psi) and bool(res.ok.all())
+        assert pool.stats.workers_replaced >= 1 and pool.stats.redispatched >= 1
+        assert torch.equal(pool.evaluate(x).psi, clean.psi)  # the replacement works
+    finally:
+        pool.shutdown()
+
+
+def test_failures_are_recorded_with_reasons_and_hangs_time_out():
+    G = ChaosForward(SubsampleBlur(8, 2), fail_rate=0.25, seed=3, hang_seconds=60)
+    x = _rows(J=32)
+    fates = [G.fate(r) for r in x]
+    assert {"raise", "nan", "hang"} <= set(fates)
+    pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=3, batch_size=1, timeout=1.0))
+    try:
+        t0 = time.monotonic()
+        res = pool.evaluate(x)
+        assert time.monotonic() - t0 < 30
+    finally:
+        pool.shutdown()
+    for j, fate in enumerate(fates):
+        if fate is None:
+            assert res.ok[j] and res.reasons[j] is None
+        else:
+            assert not res.ok[j]
+            want = {"raise": "simulator raised SimulatorCrash", "nan": "non-finite", "hang": "timeout after 1 s"}[fate]
+            assert want in res.reasons[j], (fate, res.reasons[j])
+    assert pool.stats.timeouts == fates.count("hang")
+
+
+class SlowFirstTime(ForwardModel):
+    """Member 5 takes 20 s the first time it is run anywhere, then no time (a marker file remembers)."""
+
+    def __init__(self, marker):
+        self.inner, self.marker = SubsampleBlur(8, 2), str(marker)
+        self.state_shape, self.obs_size = self.inner.state_shape, self.inner.obs_size
+
+    def __call__(self, x, members=None):
+        if 5 in list(members) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(20)
+        time.sleep(0.02 * x.shape[0])
+        return self.inner(x)
+
+
+def test_stragglers_are_reissued_and_first_result_wins(tmp_path):
+    G = SlowFirstTime(tmp_path / "seen")
+    x = _rows(J=12)
+    pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=3, batch_size=1, straggler_factor=5.0))
+    try:
+        pool.evaluate(x[:3])  # workers up, a few task times known
+        (tmp_path / "seen").unlink(missing_ok=True)
+        t0 = time.monotonic()
+        res = pool.evaluate(x)
+        assert time.monotonic() - t0 < 10
+        assert torch.equal(res.psi, G.inner(x).psi) and pool.stats.reissued == 1
+    finally:
+        pool.shutdown()
+
+
+def test_run_stops_cleanly_above_the_failure_threshold(tmp_path):
+    cfg = cfgmod.load_config(None, SMALL + ["execution.backend=ray", "chaos={fail_rate: 0.7, modes: [nan, raise]}"])
+    with pytest.raises(runner.TooManyFailures, match=r"members failed \(limit 50%\)"):
+        runner.run(cfg, tmp_path / "stop", progress=False)
+    assert (tmp_path / "stop" / "stopped.json").is_file() and (tmp_path / "stop" / "config.yaml").is_file()
+
+
+def test_run_completes_with_ten_percent_failures(tmp_path):
+    _, m = _ensemble(tmp_path, "chaos", "execution.backend=ray", "execution.timeout=2",
+                     "chaos={fail_rate: 0.1, modes: [nan, raise, hang], hang_seconds: 30}")
+    cfg = cfgmod.load_config(None, SMALL)
+    assert m["failed_evaluations"] > 0
+    assert m["forward_evaluations"] == runner.forward_budget(cfg)["forward_evaluations"]
