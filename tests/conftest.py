@@ -10,10 +10,3 @@ torch.set_num_threads(2)
 def gen():
     """A seeded torch generator for test data."""
     return torch.Generator().manual_seed(1234)
-
-
-def random_ensemble(gen, J=12, d=30, m=7, dtype=torch.float64):
-    x = torch.randn(J, d, generator=gen, dtype=dtype)
-    psi = torch.randn(J, m, generator=gen, dtype=dtype) + x[:, :m] ** 2
-    y = torch.randn(m, generator=gen, dtype=dtype)
-    return x, psi, y

@@ -1,9 +1,15 @@
 import pytest
 import torch
-from conftest import random_ensemble
 
 from enkg_dist import kalman
 from enkg_dist.noise import NoiseCovariance, NotPositiveDefiniteError
+
+
+def random_ensemble(gen, J=12, d=30, m=7, dtype=torch.float64):
+    x = torch.randn(J, d, generator=gen, dtype=dtype)
+    psi = torch.randn(J, m, generator=gen, dtype=dtype) + x[:, :m] ** 2
+    y = torch.randn(m, generator=gen, dtype=dtype)
+    return x, psi, y
 
 
 def gammas(gen, m):

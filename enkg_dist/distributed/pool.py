@@ -179,6 +179,7 @@ class WorkerPool:
             if self._start_failures > 3 * len(self.workers):
                 raise RuntimeError(f"simulator workers keep dying at start-up: {str(e).splitlines()[0]}") from None
             self._start_worker(w)
+            self.stats.workers_replaced += 1
 
     def _check_time(self, inflight, idle, queue, done, fail) -> None:
         """Timeouts (fail members, kill and replace the worker) and straggler re-issue."""

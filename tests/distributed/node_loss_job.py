@@ -1,0 +1,43 @@
+"""Run by test_node_loss.py in its own process: a 3-node Ray (ray.cluster_utils.Cluster) loses a node mid-run."""
+
+import json
+import sys
+import threading
+import time
+
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from enkg_dist import config as cfgmod
+from enkg_dist import runner
+
+out = sys.argv[1]
+overrides = ["problem.n=16", "enkg.ensemble_size=12", "enkg.num_steps=12", "chaos={fail_rate: 0.0, delay: 0.1}"]
+local_dir, _ = runner.run(cfgmod.load_config(None, overrides), f"{out}/local", progress=False)
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+nodes = [cluster.add_node(num_cpus=2, resources={"sim": 1}) for _ in range(2)]
+ray.init(address=cluster.address, logging_level="warning")
+cluster.wait_for_nodes()
+events = {}
+
+
+def remove_a_node():
+    time.sleep(8.0)
+    events["removed_at"] = time.monotonic()
+    cluster.remove_node(nodes[1])
+    cluster.add_node(num_cpus=2, resources={"sim": 1})  # room for the replacement worker
+
+
+threading.Thread(target=remove_a_node, daemon=True).start()
+t0 = time.monotonic()
+cfg = cfgmod.load_config(None, overrides + ["execution.backend=ray", "execution.num_workers=2",
+                                            "execution.worker_resources={sim: 1}"])
+ray_dir, metrics = runner.run(cfg, f"{out}/ray", progress=False, address=cluster.address)
+done = time.monotonic()
+same = torch.equal(torch.load(local_dir / "ensemble.pt")["particles"], torch.load(ray_dir / "ensemble.pt")["particles"])
+print(json.dumps({"same": same, "removed_during_run": t0 < events.get("removed_at", 1e18) < done,
+                  "workers_replaced": metrics["workers_replaced"], "redispatched": metrics["redispatched"]}))
+ray.shutdown()
+cluster.shutdown()
