@@ -23,6 +23,7 @@ class Backend:
     forward: Callable[[torch.Tensor], ForwardResult]
     close: Callable[[], None] = lambda: None
     stats: Callable[[], dict] = dict
+    on_step: Callable[[int, float], None] = lambda i, seconds: None  # e.g. export metrics
 
 
 @dataclass
@@ -60,6 +61,7 @@ def local_backend(prior, problem) -> Backend:
 def ray_backend(prior, problem, ex, address: str | None) -> Backend:
     """Prior actors and a simulator worker pool on a Ray cluster (embedded local Ray when no address)."""
     from enkg_dist.distributed import cluster
+    from enkg_dist.distributed.metrics import pool_metrics
     from enkg_dist.distributed.pool import PoolOptions, WorkerPool
     from enkg_dist.distributed.prior import RemotePrior
 
@@ -79,4 +81,9 @@ def ray_backend(prior, problem, ex, address: str | None) -> Backend:
         return {"workers_replaced": s.workers_replaced, "redispatched": s.redispatched, "reissued": s.reissued,
                 "timeouts": s.timeouts}
 
-    return Backend("ray", remote_prior, pool.evaluate, close, stats)
+    def on_step(i: int, seconds: float) -> None:
+        m = pool_metrics()
+        m["step_seconds"].observe(seconds)
+        m["step"].set(i)
+
+    return Backend("ray", remote_prior, pool.evaluate, close, stats, on_step)

@@ -154,15 +154,19 @@ def _run_enkg(cfg, built, backend, evaluator, y, dtype, device, history, progres
     x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
     x = x.to(device)
     with tqdm(total=scfg.num_steps, desc="EnKG steps", unit="step", disable=not progress) as bar:
+        t_run = time.perf_counter()
         for i in range(scfg.num_steps):
+            t_step = time.perf_counter()
             rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas)
             x = rec.x
+            backend.on_step(i, time.perf_counter() - t_step)
             for c in rec.corrections:
                 history.append({"step": rec.i, "k": c.k, "sigma": rec.sigma, "n_ode": c.n_ode,
                                 "weight": c.info.weight, "misfit": c.info.misfit, "n_ok": c.info.n_ok,
                                 "guarded": c.info.guarded})
             bar.update(1)
-            bar.set_postfix(evals=evaluator.n_evals, failed=evaluator.n_failed,
+            rate = evaluator.n_evals / max(time.perf_counter() - t_run, 1e-9)
+            bar.set_postfix(evals=evaluator.n_evals, failed=evaluator.n_failed, evals_per_s=f"{rate:.3g}",
                             misfit=f"{history[-1]['misfit']:.3g}" if history else "-")
     return x
 
