@@ -36,7 +36,26 @@ class LinearGaussianProblem(_Model):
         return self
 
 
-ProblemConfig = Annotated[Union[LinearGaussianProblem], Field(discriminator="kind")]
+class ExternalProblem(_Model):
+    """Your simulator program, run once per member (argv list, never a shell; files exchanged as .npy)."""
+
+    kind: Literal["external"] = "external"
+    command: list[str] = Field(..., min_length=1, description="argv with {input} {output} {workdir} {member} {ranks}; {python}: this Python")
+    launcher: list[str] | None = Field(None, description="argv prefix, e.g. [mpirun, -n, '{ranks}']")
+    ranks: int = Field(1, ge=1)
+    n: int = Field(..., ge=4, description="the unknown is a field (1, n, n)")
+    obs_size: int = Field(..., ge=1, description="values the program writes")
+    observation: str | None = Field(None, description=".npy with y; null: a synthetic twin (truth from the prior)")
+    truth: str | None = Field(None, description=".npy with the true field, for metrics only")
+    noise_std: float = Field(0.1, gt=0)
+    truth_seed: int = Field(0, ge=0, description="seed of the synthetic truth and noise (observation: null)")
+    timeout: float | None = Field(None, gt=0, description="seconds per member run")
+    max_parallel: int = Field(1, ge=1, description="programs run at once by one process (in-process backend)")
+    scratch_dir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+ProblemConfig = Annotated[Union[LinearGaussianProblem, ExternalProblem], Field(discriminator="kind")]
 
 
 class GaussianPrior(_Model):

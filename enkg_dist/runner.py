@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -47,7 +49,49 @@ def build(cfg: cfgmod.RunConfig) -> Built:
             truth_seed=p.truth_seed)
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
         return _with_chaos(cfg, Built(problem, prior, post, obs))
+    if p.kind == "external":
+        return _with_chaos(cfg, _build_external(p, pr))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
+
+
+def _load_npy(path: str, what: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float64)
+    except (OSError, ValueError) as e:
+        raise cfgmod.ConfigError(f"config error: problem.{what}: cannot read {path!r} ({e})") from None
+
+
+def _build_external(p, pr) -> Built:
+    """An external program as G, the Gaussian prior on (1, n, n), y from a file or a synthetic twin."""
+    from enkg_dist.noise import NoiseCovariance
+    from enkg_dist.priors.gaussian import GaussianFieldPrior
+    from enkg_dist.problems.base import safe_evaluate
+    from enkg_dist.problems.external import ExternalProgramForward
+
+    try:
+        command = [sys.executable if a == "{python}" else a for a in p.command]  # the Python running enkg-dist
+        G = ExternalProgramForward(command, (1, p.n, p.n), p.obs_size, launcher=p.launcher, ranks=p.ranks,
+                                   timeout=p.timeout, scratch_dir=p.scratch_dir, max_parallel=p.max_parallel,
+                                   env=dict(p.env))
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
+    prior = GaussianFieldPrior.matern_like(p.n, pr.alpha, pr.tau, pr.std)
+    truth = None if p.truth is None else _load_npy(p.truth, "truth").reshape(1, p.n, p.n)
+    if p.observation is not None:
+        y = _load_npy(p.observation, "observation").reshape(-1)
+    else:  # synthetic twin: truth from the prior, y = G(truth) + noise
+        if truth is None:
+            truth = prior.sample(rng.member_normal(p.truth_seed, rng.DATA, [0], (1, p.n, p.n)))[0]
+        res = safe_evaluate(G, truth[None])
+        if not bool(res.ok[0]):
+            raise RuntimeError(f"the simulator failed on the synthetic truth: {res.reasons[0]}")
+        y = res.psi[0] + p.noise_std * rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0]
+    if y.numel() != p.obs_size:
+        raise cfgmod.ConfigError(f"config error: problem.observation: has {y.numel()} values, obs_size is "
+                                 f"{p.obs_size}")
+    problem = InverseProblem("external", G, y, NoiseCovariance.scalar(p.noise_std**2, p.obs_size), truth)
+    side = int(round(p.obs_size**0.5))
+    return Built(problem, prior, None, y.reshape(side, side) if side * side == p.obs_size else None)
 
 
 def _with_chaos(cfg: cfgmod.RunConfig, built: Built) -> Built:
