@@ -1,0 +1,317 @@
+"""The Zarr run store against real stores on disk: round trip, crash safety under SIGKILL, corruption, retention."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from enkg_dist import store as store_module
+from enkg_dist.store import RunStore, StoreError, StoreIntegrityError, WriterError, open_xarray
+
+J, SHAPE, M, K = 6, (4, 5), 3, 2
+CONFIG = {"name": "t", "seed": 0, "enkg": {"scale": 2.0, "num_steps": 8}, "execution": {"num_workers": 2}}
+
+
+def particles_for(t, J=J, shape=SHAPE):
+    """The ensemble after step t, recomputable from t alone."""
+    return np.sin(np.arange(J * int(np.prod(shape)), dtype=np.float64).reshape(J, *shape) + 0.1 * t) * (t + 1)
+
+
+def psi_for(t, k, j, m=M):
+    return np.arange(m, dtype=np.float64) + 100 * t + 10 * k + j
+
+
+def make(path, num_steps=8, full_every=1, **kw):
+    return RunStore.create(path, config=CONFIG, config_yaml="name: t\n", J=J, state_shape=SHAPE, obs_size=M,
+                           num_steps=num_steps, num_corrections=K, full_every=full_every, **kw)
+
+
+def run_steps(store, steps):
+    """Record every member of every correction (member 1 fails at k=1), then commit the step."""
+    for t in steps:
+        for k in range(K):
+            for j in range(J):
+                ok = not (k == 1 and j == 1)
+                store.record_member(t, k, j, psi_for(t, k, j), ok, None if ok else f"diverged at step {t}")
+        store.commit_step(t, particles_for(t), {"sigma": 1.0 / (t + 1), "misfit": [t, t + 0.5],
+                                                 "weight": [0.1, 0.2], "timings": {"total": 2.0, "forward": 1.5}})
+
+
+def chunk_file(path, array, step, ndim):
+    return Path(path, *array.split("/"), "c", str(step), *["0"] * (ndim - 1))
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        run_steps(store, range(4))
+    r = RunStore.open(path)
+    assert r.committed_step == 3 and r.config == CONFIG and r.attrs["config_yaml"] == "name: t\n"
+    assert set(r.attrs["versions"]) == {"python", "torch", "numpy", "zarr", "enkg_dist"}
+    for t in range(4):
+        x = particles_for(t)
+        np.testing.assert_array_equal(r.read("particles", t), x)
+        np.testing.assert_allclose(r.read("mean", t), x.mean(0))
+        np.testing.assert_allclose(r.read("std", t), x.std(0, ddof=1))
+        np.testing.assert_array_equal(r.read("psi", t)[1, 4], psi_for(t, 1, 4))
+    status = r.read("status")
+    assert status.shape == (4, K, J) and (status[:, 1, 1] == 2).all() and (status == 2).sum() == 4
+    assert r.read("reason", 2)[1, 1] == "diverged at step 2"
+    np.testing.assert_array_equal(r.read("misfit")[:, 1], [0.5, 1.5, 2.5, 3.5])
+    timings = r.read("timings")
+    assert timings[0, r.timing_fields.index("forward")] == 1.5 and np.isnan(timings[0, r.timing_fields.index("update")])
+    assert r.array("psi").metadata.dimension_names == ("step", "correction", "member", "obs")
+    assert r.array("particles").metadata.dimension_names == ("step", "member", "y", "x")
+    step, x = r.resume_state()
+    assert step == 3 and np.array_equal(x, particles_for(3))
+    ds = open_xarray(path)
+    assert ds.sizes["step"] == 4 and ds.psi.dims == ("step", "correction", "member", "obs")
+    assert ds.particles.chunks is not None  # dask-backed
+    np.testing.assert_allclose(ds["mean"].sel(step=2).values, particles_for(2).mean(0))
+    assert list(ds.timing.values) == r.timing_fields
+
+
+def test_refuses_to_overwrite_and_checks_steps(tmp_path):
+    path = tmp_path / "run.zarr"
+    store = make(path)
+    with pytest.raises(StoreError, match="already exists"):
+        make(path)
+    with pytest.raises(ValueError, match="next step to commit is 0"):
+        store.commit_step(1, particles_for(1))
+    with pytest.raises(ValueError, match="particles have shape"):
+        store.commit_step(0, particles_for(0)[:3])
+    store.commit_step(0, particles_for(0))
+    with pytest.raises(ValueError, match="already committed"):
+        store.record_member(0, 0, 0, psi_for(0, 0, 0), True)
+    store.close()
+    with pytest.raises(StoreError, match="not open for writing"):
+        RunStore.open(path).record_member(1, 0, 0, psi_for(1, 0, 0), True)
+
+
+def test_uncommitted_step_is_invisible_and_members_count_only_when_complete(tmp_path):
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        run_steps(store, range(3))
+        # a driver killed in step 3: some arrays written, the marker not; members 0-2 complete
+        store.array("mean")[3] = 7.0
+        store.array("particles")[3] = particles_for(3)
+        for j in range(3):
+            store.record_member(3, 0, j, psi_for(3, 0, j), ok=j != 2, reason="nan" if j == 2 else None)
+        store.array("psi")[3, 0, 3] = psi_for(3, 0, 3)  # psi without its status marker
+        store.array("status")[3, 0, 4] = 1  # a marker without psi (never happens in order, still not counted)
+    Path(path, "status", "c", "3", "0", "5.0123abcd.partial").write_bytes(b"\x01")  # a killed atomic write
+    r = RunStore.open(path)
+    assert r.committed_step == 2 and r.resume_state()[0] == 2
+    assert open_xarray(path).sizes["step"] == 3 and len(r.read("mean")) == 3
+    with pytest.raises(ValueError, match="not committed"):
+        r.read("mean", 3)
+    done = r.completed_members(3, 0)
+    assert sorted(done) == [0, 1, 2]
+    assert done[2][1:] == (False, "nan") and done[0][1:] == (True, None)
+    np.testing.assert_array_equal(done[1][0], psi_for(3, 0, 1))
+    assert r.completed_members(3, 1) == {}
+    a = RunStore.open(path, "a")
+    with pytest.raises(ValueError, match="next step to commit is 3"):
+        a.commit_step(4, particles_for(4))
+    a.close()
+
+
+def test_record_correction_is_written_before_the_commit_and_urls_work():
+    path = "memory://test-store/run.zarr"  # an fsspec URL, as s3://... would be with s3fs installed
+    store = make(path)
+    psi = np.stack([psi_for(0, 0, j) for j in range(J)])
+    store.record_correction(0, 0, psi, np.arange(J) != 3, {3: "timeout"})
+    store.commit_step(0, particles_for(0))
+    store.close()
+    r = RunStore.open(path)
+    assert r.committed_step == 0 and (r.read("status", 0)[0] == [1, 1, 1, 2, 1, 1]).all()
+    done = r.completed_members(0, 0)
+    assert sorted(done) == list(range(J)) and done[3][1:] == (False, "timeout")
+    assert np.array_equal(done[5][0], psi[5])
+    assert open_xarray(path).sizes["step"] == 1
+
+
+CHILD = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_store import particles_for, psi_for, K, J
+from enkg_dist.store import RunStore
+store = RunStore.open(sys.argv[1], "a")
+print("ready", flush=True)
+for t in range(store.num_steps):
+    for j in range(J):
+        store.record_member(t, 0, j, psi_for(t, 0, j), True)
+    store.commit_step(t, particles_for(t), {"sigma": float(t)})
+store.close()
+"""
+
+
+@pytest.mark.parametrize("full_every", [1, 3])
+def test_sigkill_at_random_moments(tmp_path, full_every):
+    rnd, delays, reached = random.Random(), [], []
+    for attempt in range(2):
+        path = tmp_path / f"run{attempt}.zarr"
+        make(path, num_steps=5000, full_every=full_every).close()
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(Path(__file__).parent)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()
+        delays.append(rnd.uniform(0.1, 1.2))
+        time.sleep(delays[-1])
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        assert child.returncode == -signal.SIGKILL, f"the child ended before the kill: {child.stderr.read()}"
+
+        r = RunStore.open(path)  # opens and verifies: a kill never damages a committed step
+        step, x = r.resume_state()
+        reached.append(step)
+        assert step == r.committed_step, delays
+        if step >= 0:
+            np.testing.assert_array_equal(x, particles_for(step), err_msg=f"delays {delays}")
+        for j, (psi, ok, _) in r.completed_members(step + 1, 0).items():
+            assert ok and np.array_equal(psi, psi_for(step + 1, 0, j)), delays
+
+        with RunStore.open(path, "a") as a:  # the run goes on from the step after the committed one
+            a.commit_step(step + 1, particles_for(step + 1))
+            a.commit_step(step + 2, particles_for(step + 2))
+        s, x = RunStore.open(path).resume_state()
+        assert s == step + 2 and np.array_equal(x, particles_for(step + 2))
+    assert max(reached) >= 0, f"no step was committed before any kill (delays {delays})"
+
+
+@pytest.mark.parametrize("array, damage", [("mean", "flip"), ("std", "truncate"), ("particles", "delete"),
+                                           ("particles", "flip")])
+def test_corruption_is_reported_and_resume_falls_back(tmp_path, array, damage):
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        run_steps(store, range(5))
+    f = chunk_file(path, array, 4, 4 if array == "particles" else 3)
+    data = bytearray(f.read_bytes())
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with pytest.raises(StoreIntegrityError, match=rf"array '{array}' step 4: chunk .* (is missing|does not decode)"):
+        RunStore.open(path)
+    with pytest.warns(UserWarning, match="falling back to step 3"):
+        r = RunStore.open(path, on_damage="fallback")
+    assert "\n" not in r.damage and f"array '{array}' step 4" in r.damage
+    assert r.last_intact_step() == 3
+    step, x = r.resume_state()
+    assert step == 3 and np.array_equal(x, particles_for(3))
+    with pytest.warns(UserWarning):
+        a = RunStore.open(path, "a", on_damage="fallback")  # moves the marker back and redoes step 4
+    assert a.committed_step == 3
+    a.commit_step(4, particles_for(4))
+    a.close()
+    assert RunStore.open(path).resume_state()[0] == 4
+
+
+def test_every_member_block_of_a_step_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "_CHUNK_BYTES", 2 * int(np.prod(SHAPE)) * 8)  # 2 members a chunk
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        assert store.array("particles").chunks == (1, 2, *SHAPE)
+        run_steps(store, range(3))
+    Path(path, "particles", "c", "2", "1", "0", "0").unlink()
+    with pytest.raises(StoreIntegrityError, match="array 'particles' step 2: chunk 'particles/c/2/1/0/0' is missing"):
+        RunStore.open(path)
+    with pytest.warns(UserWarning, match="falling back to step 1"):
+        assert RunStore.open(path, on_damage="fallback").resume_state()[0] == 1
+
+
+def test_retention_keeps_every_third_step_and_resumes_through_the_slots(tmp_path):
+    path = tmp_path / "run.zarr"
+    with make(path, num_steps=8, full_every=3) as store:
+        assert store.kept_steps() == [2, 5, 7]
+        run_steps(store, range(7))
+    r = RunStore.open(path)
+    stored = sorted(int(p.name) for p in Path(path, "particles", "c").iterdir())
+    assert stored == [2, 5]
+    assert np.isnan(r.read("particles", 4)).all() and np.array_equal(r.read("particles", 5), particles_for(5))
+    assert not np.isnan(r.read("mean")).any() and r.read("std").shape == (7, *SHAPE)
+    step, x = r.resume_state()
+    assert step == 6 and np.array_equal(x, particles_for(6))
+    slot = r.attrs["resume_slot"]
+    assert r.array("resume/step")[slot] == 6
+
+    with RunStore.open(path, "a") as a:  # the last step is always kept
+        a.commit_step(7, particles_for(7))
+    assert np.array_equal(RunStore.open(path).read("particles", 7), particles_for(7))
+
+
+def test_a_damaged_resume_slot_falls_back_to_the_newest_intact_ensemble(tmp_path):
+    path = tmp_path / "run.zarr"
+    with make(path, num_steps=8, full_every=3) as store:
+        run_steps(store, range(5))  # step 3 in one slot, step 4 in the other, step 2 kept
+    r = RunStore.open(path)
+    slot = r.attrs["resume_slot"]
+    assert sorted(r.array("resume/step")[:]) == [3, 4] and r.array("resume/step")[slot] == 4
+    chunk_file(path, "resume/particles", slot, 4).unlink()
+    with pytest.warns(UserWarning, match="array 'resume/particles' step 4: chunk .* is missing"):
+        r = RunStore.open(path, on_damage="fallback")
+    step, x = r.resume_state()
+    assert step == 3 and np.array_equal(x, particles_for(3))  # from the other slot, stamped 3
+
+
+def test_writer_error_surfaces_on_the_next_call(tmp_path, monkeypatch):
+    store = make(tmp_path / "run.zarr")
+    run_steps(store, range(2))
+    store.flush()
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(store, "_write_arrays", disk_full)
+    store.commit_step(2, particles_for(2))  # returns: the failure happens in the writer
+    store._queue.join()
+    with pytest.raises(WriterError, match=r"step 2 failed \(OSError: No space left on device\); committed up to "
+                                          r"step 1"):
+        store.record_member(3, 0, 0, psi_for(3, 0, 0), True)
+    with pytest.raises(WriterError):
+        store.commit_step(3, particles_for(3))
+    with pytest.raises(WriterError):
+        store.close()
+    assert RunStore.open(tmp_path / "run.zarr").committed_step == 1
+
+
+def test_commit_is_off_the_critical_path_with_bounded_queue(tmp_path, monkeypatch):
+    store = make(tmp_path / "run.zarr", max_pending=1)
+    gate, original = threading.Event(), store._write_arrays
+
+    def slow(*args):
+        gate.wait(10)
+        return original(*args)
+
+    monkeypatch.setattr(store, "_write_arrays", slow)
+    t0 = time.perf_counter()
+    store.commit_step(0, particles_for(0))  # taken by the writer, which waits
+    store.commit_step(1, particles_for(1))  # fills the queue
+    assert time.perf_counter() - t0 < 2.0
+    third = threading.Thread(target=store.commit_step, args=(2, particles_for(2)))
+    third.start()
+    third.join(0.3)
+    assert third.is_alive(), "a third pending step must wait for room in the queue"
+    gate.set()
+    third.join(10)
+    store.close()
+    assert RunStore.open(tmp_path / "run.zarr").committed_step == 2
+
+
+def test_config_diff_lists_dotted_keys(tmp_path):
+    store = make(tmp_path / "run.zarr")
+    new = {"name": "other", "seed": 0, "enkg": {"scale": 1.0, "num_steps": 8}, "execution": {"num_workers": 8},
+           "chaos": {"fail_rate": 0.1}}
+    assert store.config_diff(new) == ["chaos.fail_rate", "enkg.scale"]
+    assert store.config_diff(new, ignore=("chaos",)) == ["enkg.scale", "execution.num_workers", "name"]
+    assert store.config_diff(CONFIG) == []
+    store.close()
