@@ -38,6 +38,7 @@ class PoolOptions:
     timeout: float | None = None  # seconds per member; a task gets batch_size x timeout
     straggler_factor: float | None = None  # re-issue tasks slower than this x the median
     max_retries: int = 3  # re-dispatches of a task whose worker died
+    depth: int = 2  # tasks queued per worker, so a worker never idles during a round trip
     start_timeout: float = 300.0  # seconds to wait for any worker to start before giving up
 
 
@@ -45,7 +46,7 @@ class PoolOptions:
 class _Task:
     id: int
     members: list[int]
-    ref: ray.ObjectRef  # the members' rows in the object store
+    x: np.ndarray  # the members' rows (Ray passes large ones through the object store)
     attempts: int = 0
     copies: int = 0  # straggler duplicates started
 
@@ -102,105 +103,26 @@ class WorkerPool:
         xn = x.detach().cpu().numpy()
         J, bs = xn.shape[0], self.options.batch_size
         ids = list(range(J))
-        queue = deque(_Task(t, ids[s : s + bs], ray.put(xn[s : s + bs])) for t, s in enumerate(range(0, J, bs)))
-        psi = np.full((J, self.obs_size), np.nan, dtype=xn.dtype)
-        ok = np.zeros(J, dtype=bool)
-        reasons: list[str | None] = [None] * J
-        done: set[int] = set()
-        inflight: dict[ray.ObjectRef, tuple[_Task, int, float]] = {}
-        idle = [w for w in range(len(self.workers)) if w not in self._starting.values()]
+        d = _Dispatch(self, deque(_Task(t, ids[s : s + bs], xn[s : s + bs]) for t, s in enumerate(range(0, J, bs))),
+                      J, xn.dtype)
+        d.run()
+        self._account(d.ok)
+        return ForwardResult(torch.from_numpy(d.psi), torch.from_numpy(d.ok), d.reasons)
 
-        def finish(task: _Task, p, o, r):
-            done.add(task.id)
-            psi[task.members], ok[task.members] = p, o
-            for j, why in zip(task.members, r):
-                reasons[j] = why
-
-        def fail(task: _Task, why: str):
-            finish(task, np.nan, False, [why] * len(task.members))
-
-        def start(task: _Task, w: int):
-            inflight[self.workers[w].evaluate.remote(task.members, task.ref)] = (task, w, time.monotonic())
-
-        waiting_since = time.monotonic()
-        while queue or inflight:
-            if inflight or idle:
-                waiting_since = time.monotonic()
-            elif time.monotonic() - waiting_since > self.options.start_timeout:
-                o = self.options
-                raise RuntimeError(f"no simulator worker started within {o.start_timeout:.0f} s (each asks "
-                                   f"{o.num_cpus} CPU, {o.num_gpus} GPU, {dict(o.resources)}; the cluster has "
-                                   f"{ray.cluster_resources()})")
-            while idle and queue:
-                task = queue.popleft()
-                if task.id not in done:
-                    start(task, idle.pop())
-            ready, _ = ray.wait([*inflight, *self._starting], num_returns=1, timeout=self.poll)
-            for ref in ready:
-                if ref in self._starting:
-                    self._worker_started(ref, idle)
-                    continue
-                task, w, t0 = inflight.pop(ref)
-                try:
-                    _, p, o, r = ray.get(ref)
-                except WORKER_LOST as e:
-                    self._replace(w, kill=False)
-                    if task.id in done or any(t.id == task.id for t, _, _ in inflight.values()):
-                        continue  # another copy is still running or already won
-                    task.attempts += 1
-                    self.stats.redispatched += 1
-                    if task.attempts > self.options.max_retries:
-                        fail(task, f"worker lost {task.attempts} times ({type(e).__name__})")
-                    else:
-                        queue.appendleft(task)
-                    continue
-                idle.append(w)
-                if task.id in done:
-                    continue  # a straggler copy lost the race
-                self.stats.task_seconds.append(time.monotonic() - t0)
-                finish(task, p, o, r)
-                for other, (t2, w2, _) in list(inflight.items()):
-                    if t2.id == task.id:  # the losing straggler copy: stop it by restarting its worker
-                        inflight.pop(other)
-                        self._replace(w2, kill=True)
-            self._check_time(inflight, idle, queue, done, fail)
-        self._account(ok)
-        return ForwardResult(torch.from_numpy(psi), torch.from_numpy(ok), reasons)
-
-    def _worker_started(self, ref, idle: list[int]) -> None:
-        """A starting worker answered (or died while starting: start another in its slot)."""
+    def _worker_started(self, ref) -> int | None:
+        """A starting worker answered: its slot index; or it died while starting: start another, return None."""
         w = self._starting.pop(ref)
         try:
             ray.get(ref)
-            idle.append(w)
             self._start_failures = 0
+            return w
         except WORKER_LOST as e:
             self._start_failures += 1
             if self._start_failures > 3 * len(self.workers):
                 raise RuntimeError(f"simulator workers keep dying at start-up: {str(e).splitlines()[0]}") from None
             self._start_worker(w)
             self.stats.workers_replaced += 1
-
-    def _check_time(self, inflight, idle, queue, done, fail) -> None:
-        """Timeouts (fail members, kill and replace the worker) and straggler re-issue."""
-        now, o = time.monotonic(), self.options
-        for ref, (task, w, t0) in list(inflight.items()):
-            if task.id in done:
-                continue
-            if o.timeout is not None and now - t0 > o.timeout * len(task.members):
-                inflight.pop(ref)
-                self.stats.timeouts += 1
-                self._replace(w, kill=True)
-                if not any(t.id == task.id for t, _, _ in inflight.values()):
-                    fail(task, f"timeout after {o.timeout * len(task.members):.3g} s")
-        if o.straggler_factor and idle and len(self.stats.task_seconds) >= 3 and not queue:
-            median = statistics.median(self.stats.task_seconds[-100:])
-            for ref, (task, w, t0) in list(inflight.items()):
-                if idle and task.id not in done and task.copies == 0 and now - t0 > o.straggler_factor * median:
-                    task.copies += 1
-                    self.stats.reissued += 1
-                    w2 = idle.pop()
-                    inflight[self.workers[w2].evaluate.remote(task.members, task.ref)] = (task, w2, now)
+            return None
 
     def _account(self, ok: np.ndarray) -> None:
         n, failed = ok.size, int((~ok).sum())
@@ -209,3 +131,127 @@ class WorkerPool:
         self._metrics["evaluations"].inc(n)
         if failed:
             self._metrics["failures"].inc(failed)
+
+
+class _Dispatch:
+    """The state of one `evaluate` call: task queue, per-worker in-flight lists, results."""
+
+    def __init__(self, pool: WorkerPool, queue: deque, J: int, dtype):
+        self.pool, self.o, self.queue = pool, pool.options, queue
+        self.psi = np.full((J, pool.obs_size), np.nan, dtype=dtype)
+        self.ok = np.zeros(J, dtype=bool)
+        self.reasons: list[str | None] = [None] * J
+        self.done: set[int] = set()
+        self.inflight: dict[ray.ObjectRef, list] = {}  # ref -> [task, worker slot, actor handle, started at]
+        self.lanes: dict[int, list[ray.ObjectRef]] = {w: [] for w in range(len(pool.workers))}
+        self.ready_workers = {w for w in range(len(pool.workers)) if w not in pool._starting.values()}
+
+    def finish(self, task: _Task, p, o, r) -> None:
+        self.done.add(task.id)
+        self.psi[task.members], self.ok[task.members] = p, o
+        for j, why in zip(task.members, r):
+            self.reasons[j] = why
+
+    def fail(self, task: _Task, why: str) -> None:
+        self.finish(task, np.nan, False, [why] * len(task.members))
+
+    def running(self, task: _Task) -> bool:
+        return any(v[0].id == task.id for v in self.inflight.values())
+
+    def submit(self, task: _Task, w: int) -> None:
+        actor = self.pool.workers[w]
+        ref = actor.evaluate.remote(task.members, task.x)
+        lane = self.lanes[w]
+        # a queued task's clock starts when the one ahead of it finishes
+        self.inflight[ref] = [task, w, actor, time.monotonic() if not lane else float("inf")]
+        lane.append(ref)
+
+    def fill(self) -> None:
+        for w in sorted(self.ready_workers):
+            while self.queue and len(self.lanes[w]) < self.o.depth:
+                task = self.queue.popleft()
+                if task.id not in self.done:
+                    self.submit(task, w)
+
+    def replace(self, w: int, actor, kill: bool) -> None:
+        """Restart slot w (once per dead actor); its queued tasks go back to the queue."""
+        if self.pool.workers[w] is not actor:
+            return
+        self.pool._replace(w, kill)
+        self.ready_workers.discard(w)
+        for ref in self.lanes[w]:
+            task = self.inflight.pop(ref)[0]
+            if task.id not in self.done and not self.running(task):
+                self.queue.appendleft(task)
+        self.lanes[w] = []
+
+    def collect(self, ref) -> None:
+        task, w, actor, t0 = self.inflight.pop(ref)
+        lane = self.lanes[w]
+        if ref in lane:
+            lane.remove(ref)
+        if lane and self.inflight[lane[0]][3] == float("inf"):
+            self.inflight[lane[0]][3] = time.monotonic()
+        try:
+            _, p, o, r = ray.get(ref)
+        except WORKER_LOST as e:
+            self.replace(w, actor, kill=False)
+            if task.id in self.done or self.running(task):
+                return  # another copy is still running or already won
+            task.attempts += 1
+            self.pool.stats.redispatched += 1
+            if task.attempts > self.o.max_retries:
+                self.fail(task, f"worker lost {task.attempts} times ({type(e).__name__})")
+            else:
+                self.queue.appendleft(task)
+            return
+        if task.id in self.done:
+            return
+        self.pool.stats.task_seconds.append(time.monotonic() - t0)
+        self.finish(task, p, o, r)
+        for other, (t2, w2, a2, _) in list(self.inflight.items()):
+            if t2.id == task.id:  # the losing straggler copy: stop it by restarting its worker
+                self.replace(w2, a2, kill=True)
+
+    def run(self) -> None:
+        waiting_since = time.monotonic()
+        while self.queue or self.inflight:
+            if self.inflight or self.ready_workers:
+                waiting_since = time.monotonic()
+            elif time.monotonic() - waiting_since > self.o.start_timeout:
+                raise RuntimeError(f"no simulator worker started within {self.o.start_timeout:.0f} s (each asks "
+                                   f"{self.o.num_cpus} CPU, {self.o.num_gpus} GPU, {dict(self.o.resources)}; the "
+                                   f"cluster has {ray.cluster_resources()})")
+            self.fill()
+            refs = [*self.inflight, *self.pool._starting]
+            ready, rest = ray.wait(refs, num_returns=1, timeout=self.pool.poll)
+            if ready and rest:  # take everything else that is already done too
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in ready:
+                if ref in self.pool._starting:
+                    w = self.pool._worker_started(ref)
+                    if w is not None:
+                        self.ready_workers.add(w)
+                elif ref in self.inflight:
+                    self.collect(ref)
+            self.check_time()
+
+    def check_time(self) -> None:
+        """Timeouts (fail members, kill and replace the worker) and straggler re-issue."""
+        now, o = time.monotonic(), self.o
+        for ref, (task, w, actor, t0) in list(self.inflight.items()):
+            if ref not in self.inflight or task.id in self.done:
+                continue
+            if o.timeout is not None and now - t0 > o.timeout * len(task.members):
+                self.pool.stats.timeouts += 1
+                if not any(v[0].id == task.id for r2, v in self.inflight.items() if r2 != ref):
+                    self.fail(task, f"timeout after {o.timeout * len(task.members):.3g} s")
+                self.replace(w, actor, kill=True)  # the stuck worker; its queued tasks go back to the queue
+        free = [w for w in self.ready_workers if not self.lanes[w]]
+        if o.straggler_factor and free and len(self.pool.stats.task_seconds) >= 3 and not self.queue:
+            median = statistics.median(self.pool.stats.task_seconds[-100:])
+            for ref, (task, w, actor, t0) in list(self.inflight.items()):
+                if free and task.id not in self.done and task.copies == 0 and now - t0 > o.straggler_factor * median:
+                    task.copies += 1
+                    self.pool.stats.reissued += 1
+                    self.submit(task, free.pop())
