@@ -30,7 +30,7 @@ class Backend:
 class Evaluator:
     """evaluate(x_hat) -> (psi, ok) for the sampler; counts runs, keeps failure reasons, enforces the failure cap."""
 
-    forward: Callable[[torch.Tensor], ForwardResult]
+    forward: Callable[..., ForwardResult]  # forward(x, on_result=None)
     max_failed_fraction: float = 0.5
     n_evals: int = 0
     n_failed: int = 0
@@ -38,7 +38,7 @@ class Evaluator:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
     def __call__(self, x_hat: torch.Tensor):
-        res = self.forward(x_hat)
+        res = self.evaluate(x_hat)
         J = x_hat.shape[0]
         self.n_evals += J
         self.last = res
@@ -52,10 +52,33 @@ class Evaluator:
                                   f"first reason: {first}")
         return res.psi, ok
 
+    def evaluate(self, x_hat: torch.Tensor) -> ForwardResult:
+        """All members' forward runs (a subclass may skip some or record them)."""
+        return self.forward(x_hat)
 
-def local_backend(prior, problem) -> Backend:
+
+def local_forward(G, batch_size: int = 0):
+    """forward(x, on_result) in this process, in chunks of batch_size members (0: all at once)."""
+
+    def forward(x: torch.Tensor, on_result=None) -> ForwardResult:
+        J = x.shape[0]
+        step = batch_size or J
+        parts = []
+        for s in range(0, J, step):
+            rows = list(range(s, min(s + step, J)))
+            res = safe_evaluate(G, x[s : s + step], rows)
+            if on_result is not None:
+                on_result(rows, res.psi.numpy(), res.ok.numpy(), list(res.reasons))
+            parts.append(res)
+        return ForwardResult(torch.cat([p.psi for p in parts]), torch.cat([p.ok for p in parts]),
+                             [r for p in parts for r in p.reasons])
+
+    return forward
+
+
+def local_backend(prior, problem, batch_size: int = 0) -> Backend:
     """Everything in this process."""
-    return Backend("local", prior.denoise, lambda x: safe_evaluate(problem.forward, x))
+    return Backend("local", prior.denoise, local_forward(problem.forward, batch_size))
 
 
 def ray_backend(prior, problem, ex, address: str | None) -> Backend:
@@ -69,7 +92,7 @@ def ray_backend(prior, problem, ex, address: str | None) -> Backend:
     remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1)
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
-        resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,
+        resources=dict(ex.worker_resources), batch_size=ex.batch_size or 1, timeout=ex.timeout,
         straggler_factor=ex.straggler_factor, max_retries=ex.max_retries))
 
     def close():

@@ -54,6 +54,22 @@ def run(
     typer.echo("  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
 
 
+@app.command("resume")
+def resume_cmd(
+    run_dir: Path = typer.Argument(..., help="a run directory (holds config.yaml and store.zarr)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
+):
+    """Continue a run from its last committed step (bit-identical to an uninterrupted run)."""
+    from enkg_dist import runner
+
+    try:
+        out, metrics = runner.resume(run_dir, progress=progress, address=address)
+    except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    typer.echo(f"run directory: {out} (resumed from step {metrics['resumed_from_step']})")
+
+
 def main() -> None:
     app(sys.argv[1:])
 

@@ -113,7 +113,8 @@ class ExecutionSettings(_Model):
     worker_cpus: float = Field(1.0, ge=0, description="CPUs reserved per simulator worker")
     worker_gpus: float = Field(0.0, ge=0, description="GPUs per simulator worker")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
-    batch_size: int = Field(1, ge=1, description="members per simulator task")
+    batch_size: int | None = Field(None, ge=1, description="members per simulator call (null: all at once "
+                                   "in-process, 1 per task on Ray)")
     timeout: float | None = Field(None, gt=0, description="seconds per member before it is failed (null: none)")
     straggler_factor: float | None = Field(None, gt=1, description="re-issue tasks slower than this x median")
     max_retries: int = Field(3, ge=0, description="re-dispatches of a task whose worker died")
@@ -132,6 +133,15 @@ class ChaosSettings(_Model):
     seed: int = Field(0, ge=0)
     delay: float = Field(0.0, ge=0, description="seconds each member takes")
     hang_seconds: float = Field(3600.0, gt=0, description="how long a hanging member sleeps")
+    log: str | None = Field(None, description="append a hash of each evaluated member's input to this file")
+
+
+class StoreSettings(_Model):
+    """The Zarr run store (checkpoints, per-member outputs, resume)."""
+
+    path: str | None = Field(None, description="store location (dir or fsspec URL); null: RUN_DIR/store.zarr")
+    full_every: int = Field(1, ge=1, description="keep the full ensemble every n-th step (mean/std every step)")
+    max_pending: int = Field(2, ge=1, description="steps queued for the background writer")
 
 
 class RunConfig(_Model):
@@ -149,6 +159,7 @@ class RunConfig(_Model):
     eki: EKISettings = Field(default_factory=EKISettings)
     execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     chaos: ChaosSettings | None = Field(None, description="inject failures (testing only)")
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
 from enkg_dist import rng, sampler, schedules
-from enkg_dist.backends import Evaluator, TooManyFailures, local_backend, ray_backend
+from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.problems.base import InverseProblem, ensemble_metrics, relative_l2
+from enkg_dist.recording import RecordingEvaluator
 
 
 @dataclass
@@ -101,12 +102,18 @@ def _with_chaos(cfg: cfgmod.RunConfig, built: Built) -> Built:
 
         c = cfg.chaos
         built.problem.forward = ChaosForward(built.problem.forward, c.fail_rate, c.modes, c.seed, c.hang_seconds,
-                                             c.delay)
+                                             c.delay, c.log)
     return built
 
 
-def new_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> Path:
-    """A fresh directory under output_dir named after the job, with the resolved config written first."""
+STORE_NAME = "store.zarr"
+
+
+def prepare_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> tuple[Path, bool]:
+    """(directory, resuming): an existing run directory with a store is resumed; else a fresh one is made with
+    the resolved config written first."""
+    if run_dir is not None and (Path(run_dir) / STORE_NAME).exists():
+        return Path(run_dir), True
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
@@ -116,7 +123,34 @@ def new_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfgmod.dump(cfg))
-    return run_dir
+    return run_dir, False
+
+
+def _steps_and_corrections(cfg: cfgmod.RunConfig) -> tuple[int, int, int]:
+    """(J, steps, corrections per step) of the run, for the store's shape."""
+    if cfg.method == "eki":
+        return cfg.eki.ensemble_size, cfg.eki.iterations, 1
+    return cfg.enkg.ensemble_size, cfg.enkg.num_steps, cfg.enkg.num_corrections
+
+
+def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
+    """Create the run's store, or open it for a resume after checking the config gives the same answer."""
+    from enkg_dist.store import RunStore
+
+    path = cfg.store.path or str(out / STORE_NAME)
+    if resuming:
+        store = RunStore.open(path, "a", on_damage="fallback", max_pending=cfg.store.max_pending)
+        diff = store.config_diff(cfg.model_dump(mode="json"))
+        if diff:
+            store.close()
+            raise cfgmod.ConfigError(f"config error: cannot resume {out}: the config differs from the stored one in "
+                                     f"{', '.join(diff)}")
+        return store
+    J, steps, K = _steps_and_corrections(cfg)
+    return RunStore.create(path, config=cfg.model_dump(mode="json"), config_yaml=cfgmod.dump(cfg), J=J,
+                           state_shape=built.problem.forward.state_shape, obs_size=built.problem.forward.obs_size,
+                           num_steps=steps, num_corrections=K, dtype=cfg.dtype, full_every=cfg.store.full_every,
+                           max_pending=cfg.store.max_pending)
 
 
 def forward_budget(cfg: cfgmod.RunConfig) -> dict:
@@ -148,31 +182,34 @@ def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None
     ex = cfg.execution
     if ex.backend == "ray" or address:
         return ray_backend(built.prior, built.problem, ex, address)
-    return local_backend(built.prior, built.problem)
+    return local_backend(built.prior, built.problem, ex.batch_size or 0)
 
 
 def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True,
         address: str | None = None) -> tuple[Path, dict]:
-    """Run a job; returns the run directory and the metrics written to it."""
+    """Run a job, or resume it when `run_dir` holds a store; returns the run directory and the final metrics."""
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    out = new_run_dir(cfg, run_dir)
+    out, resuming = prepare_run_dir(cfg, run_dir)
     built = build(cfg)
     pb = built.problem
     y = pb.y.to(device=device, dtype=dtype)
+    store = open_store(cfg, out, built, resuming)
     backend = make_backend(cfg, built, address)
-    evaluator = Evaluator(backend.forward, cfg.execution.max_failed_fraction)
-    history: list[dict] = []
+    evaluator = RecordingEvaluator(backend.forward, cfg.execution.max_failed_fraction, store=store)
+    start, x = store.resume_state()
+    start += 1
+    x = None if x is None else torch.from_numpy(np.array(x)).to(device=device, dtype=dtype)
     t0 = time.perf_counter()
     try:
-        if cfg.method == "enkg":
-            x = _run_enkg(cfg, built, backend, evaluator, y, dtype, device, history, progress)
-        else:
-            x = _run_eki(cfg, built, evaluator, y, dtype, device, history, progress)
+        loop = _run_enkg if cfg.method == "enkg" else _run_eki
+        x = loop(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress)
     except TooManyFailures as e:
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        (out / "stopped.json").write_text(json.dumps({"reason": str(e), "failures": evaluator.failures[:100]}))
+        (out / "stopped.json").write_text(json.dumps({"reason": str(e), "step": evaluator.step,
+                                                      "failures": evaluator.failures[:100]}))
         raise
     finally:
+        evaluator.close()
+        store.close()  # waits for the queued commits: nothing computed is lost
         backend.close()
     wall = time.perf_counter() - t0
     x = x.detach().to("cpu", torch.float64)
@@ -180,52 +217,82 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     metrics = ensemble_metrics(x, truth)
     metrics.update(_posterior_metrics(built, x, metrics))
     metrics.update({"forward_evaluations": evaluator.n_evals, "failed_evaluations": evaluator.n_failed,
+                    "skipped_evaluations": evaluator.skipped, "resumed_from_step": start - 1 if resuming else None,
                     "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats()})
     mean, std = x.mean(0), x.std(0)
     torch.save({"particles": x, "mean": mean, "std": std}, out / "ensemble.pt")
-    (out / "history.json").write_text(json.dumps(history, indent=1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "history.json").write_text(json.dumps(_history(cfg.store.path or str(out / STORE_NAME)), indent=1))
     reconstruction_figure(out / "reconstruction.png", truth, built.observation_image, mean, std,
                           title=f"{cfg.name}: rel. L2 of mean {metrics.get('rel_l2_mean', float('nan')):.3f}")
     return out, metrics
 
 
-def _run_enkg(cfg, built, backend, evaluator, y, dtype, device, history, progress):
-    """The EnKG step loop with progress and per-correction history."""
+def _history(path: str) -> list[dict]:
+    """Per committed step: sigma, and per correction the misfit and step weight (from the store)."""
+    from enkg_dist.store import RunStore
+
+    with RunStore.open(path, "r", verify=False) as st:
+        sigma, misfit, weight = st.read("sigma"), st.read("misfit"), st.read("weight")
+    return [{"step": i, "sigma": float(sigma[i]), "misfit": [float(v) for v in misfit[i] if v == v],
+             "weight": [float(v) for v in weight[i] if v == v]} for i in range(len(sigma))]
+
+
+def resume(run_dir: str | Path, progress: bool = True, address: str | None = None,
+           overrides: list[str] | None = None) -> tuple[Path, dict]:
+    """Continue the run in `run_dir` from its last committed step, with its stored config."""
+    path = Path(run_dir) / "config.yaml"
+    if not (Path(run_dir) / STORE_NAME).exists() or not path.is_file():
+        raise cfgmod.ConfigError(f"config error: {run_dir} is not a run directory (no {STORE_NAME} or config.yaml)")
+    return run(cfgmod.load_config(path, overrides or []), run_dir, progress, address)
+
+
+def _commit(store, evaluator, i: int, x: torch.Tensor, sigma: float, infos, t_step: float) -> None:
+    """Member records first, then the step (the store writes its commit marker last)."""
+    evaluator.wait_records()
+    store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
+                                            "weight": [u.weight for u in infos],
+                                            "timings": {"total": time.perf_counter() - t_step}}, copy=False)
+
+
+def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
+    """The EnKG step loop from `start`, committing every step."""
     e, pb = cfg.enkg, built.problem
     scfg = e.sampler_config()
     sigmas = scfg.sigmas()
-    x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
-    x = x.to(device)
-    with tqdm(total=scfg.num_steps, desc="EnKG steps", unit="step", disable=not progress) as bar:
+    if x is None:
+        x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
+        x = x.to(device)
+    with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
         t_run = time.perf_counter()
-        for i in range(scfg.num_steps):
+        for i in range(start, scfg.num_steps):
             t_step = time.perf_counter()
+            evaluator.begin_step(i, skip_done=(i == start))
             rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas)
             x = rec.x
+            infos = [c.info for c in rec.corrections]
+            _commit(store, evaluator, i, x, rec.sigma, infos, t_step)
             backend.on_step(i, time.perf_counter() - t_step)
-            for c in rec.corrections:
-                history.append({"step": rec.i, "k": c.k, "sigma": rec.sigma, "n_ode": c.n_ode,
-                                "weight": c.info.weight, "misfit": c.info.misfit, "n_ok": c.info.n_ok,
-                                "guarded": c.info.guarded})
-            bar.update(1)
             rate = evaluator.n_evals / max(time.perf_counter() - t_run, 1e-9)
+            bar.update(1)
             bar.set_postfix(evals=evaluator.n_evals, failed=evaluator.n_failed, evals_per_s=f"{rate:.3g}",
-                            misfit=f"{history[-1]['misfit']:.3g}" if history else "-")
+                            misfit=f"{infos[-1].misfit:.3g}" if infos else "-")
     return x
 
 
-def _run_eki(cfg, built, evaluator, y, dtype, device, history, progress):
-    """Plain or Tikhonov EKI from a prior ensemble."""
+def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
+    """Plain or Tikhonov EKI from a prior ensemble, committing every iteration."""
     k, pb = cfg.eki, built.problem
-    z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
-    x0 = built.prior.sample(z.to(device))
+    if x is None:
+        z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
+        x = built.prior.sample(z.to(device))
     tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
-    with tqdm(total=k.iterations, desc="EKI iterations", unit="it", disable=not progress) as bar:
-
-        def on_iter(n, x, info):
-            history.append({"iteration": n, "misfit": info.misfit, "n_ok": info.n_ok})
+    with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
+        for n in range(start, k.iterations):
+            t_step = time.perf_counter()
+            evaluator.begin_step(n, skip_done=(n == start))
+            x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik)
+            _commit(store, evaluator, n, x, float("nan"), [info], t_step)
             bar.update(1)
             bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")
-
-        return sampler.eki(evaluator, x0, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik, on_iter)
+    return x

@@ -203,6 +203,36 @@ class _Stacked:
         return torch.cat([self.Gamma.whiten(r[:, : self.m]), self.prior_whiten(r[:, self.m :])], dim=1)
 
 
+def eki_step(
+    evaluate: Evaluator,
+    x: torch.Tensor,
+    n: int,
+    y: torch.Tensor,
+    Gamma: NoiseCovariance,
+    dt: float = 1.0,
+    seed: int = 0,
+    stochastic: bool = False,
+    tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, kalman.UpdateInfo]:
+    """Iteration n of ensemble Kalman inversion (Iglesias, Law, Stuart 2013); see `eki`."""
+    J = x.shape[0]
+    psi, ok = evaluate(x)
+    ok = _check_evaluation(psi, ok, J, y.shape[0])
+    psi = torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype))
+    target, whitener = y, Gamma
+    if tikhonov is not None:
+        m0, prior_whiten = tikhonov
+        psi = torch.cat([psi, x.reshape(J, -1)], dim=1)
+        target = torch.cat([y, m0.reshape(-1).to(y.dtype)])
+        whitener = _Stacked(Gamma, prior_whiten, y.shape[0])
+    eta = None
+    if stochastic:
+        z = rng.member_normal(seed, rng.PERTURB, range(J), (y.shape[0],), n, dtype=y.dtype)
+        eta = torch.zeros_like(psi)
+        eta[:, : y.shape[0]] = Gamma.color(z) / dt**0.5
+    return kalman.eki_update(x, psi, target, whitener, dt, eta, ok)
+
+
 def eki(
     evaluate: Evaluator,
     x0: torch.Tensor,
@@ -214,30 +244,17 @@ def eki(
     stochastic: bool = False,
     tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     callback: Callable[[int, torch.Tensor, kalman.UpdateInfo], None] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Ensemble Kalman inversion from the initial ensemble x0 (Iglesias, Law, Stuart 2013).
+    """Ensemble Kalman inversion from the ensemble x0 (at iteration `start`), Iglesias, Law, Stuart 2013.
 
     With `tikhonov=(m0, prior_whiten)` it is Tikhonov-EKI (Chada, Stuart, Tong 2020): G is stacked with the identity
     and y with m0, whitened by C0^{-1/2}, so the mean converges to the minimiser of |G x - y|^2_Gamma + |x - m0|^2_C0,
     the posterior mean of a linear-Gaussian problem. `stochastic` perturbs y by N(0, Gamma/dt) per member.
     """
     x = x0
-    J = x.shape[0]
-    for n in range(n_iter):
-        psi, ok = evaluate(x)
-        ok = _check_evaluation(psi, ok, J, y.shape[0])
-        target, whitener = y, Gamma
-        if tikhonov is not None:
-            m0, prior_whiten = tikhonov
-            psi = torch.cat([psi, x.reshape(J, -1)], dim=1)
-            target = torch.cat([y, m0.reshape(-1).to(y.dtype)])
-            whitener = _Stacked(Gamma, prior_whiten, y.shape[0])
-        eta = None
-        if stochastic:
-            z = rng.member_normal(seed, rng.PERTURB, range(J), (y.shape[0],), n, dtype=y.dtype)
-            eta = torch.zeros_like(psi)
-            eta[:, : y.shape[0]] = Gamma.color(z) / dt**0.5
-        x, info = kalman.eki_update(x, psi, target, whitener, dt, eta, ok)
+    for n in range(start, n_iter):
+        x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov)
         if callback is not None:
             callback(n, x, info)
     return x

@@ -59,7 +59,7 @@ DEFAULT_IGNORE = (
     "name", "output_dir", "device",
     "execution.backend", "execution.address", "execution.num_workers", "execution.worker_cpus",
     "execution.worker_gpus", "execution.worker_resources", "execution.batch_size", "execution.prior_actors",
-    "execution.prior_gpus", "execution.num_cpus", "execution.dashboard",
+    "execution.prior_gpus", "execution.num_cpus", "execution.dashboard", "store.max_pending",
 )
 _KEYS = {"name": "default", "separator": "/"}
 _CODECS = [ZstdCodec(level=1), Crc32cCodec()]

@@ -98,13 +98,15 @@ class WorkerPool:
             ray.kill(a, no_restart=True)
         self.workers = []
 
-    def evaluate(self, x: torch.Tensor, members=None) -> ForwardResult:
-        """Forward runs for every row of x; the result of each row is independent of sharding and order."""
+    def evaluate(self, x: torch.Tensor, on_result=None) -> ForwardResult:
+        """Forward runs for every row of x; the result of each row is independent of sharding and order.
+
+        `on_result(rows, psi, ok, reasons)` is called as each task's results arrive (rows index x)."""
         xn = x.detach().cpu().numpy()
         J, bs = xn.shape[0], self.options.batch_size
         ids = list(range(J))
         d = _Dispatch(self, deque(_Task(t, ids[s : s + bs], xn[s : s + bs]) for t, s in enumerate(range(0, J, bs))),
-                      J, xn.dtype)
+                      J, xn.dtype, on_result)
         d.run()
         self._account(d.ok)
         return ForwardResult(torch.from_numpy(d.psi), torch.from_numpy(d.ok), d.reasons)
@@ -136,8 +138,8 @@ class WorkerPool:
 class _Dispatch:
     """The state of one `evaluate` call: task queue, per-worker in-flight lists, results."""
 
-    def __init__(self, pool: WorkerPool, queue: deque, J: int, dtype):
-        self.pool, self.o, self.queue = pool, pool.options, queue
+    def __init__(self, pool: WorkerPool, queue: deque, J: int, dtype, on_result=None):
+        self.pool, self.o, self.queue, self.on_result = pool, pool.options, queue, on_result
         self.psi = np.full((J, pool.obs_size), np.nan, dtype=dtype)
         self.ok = np.zeros(J, dtype=bool)
         self.reasons: list[str | None] = [None] * J
@@ -151,6 +153,8 @@ class _Dispatch:
         self.psi[task.members], self.ok[task.members] = p, o
         for j, why in zip(task.members, r):
             self.reasons[j] = why
+        if self.on_result is not None:
+            self.on_result(task.members, self.psi[task.members], self.ok[task.members], list(r))
 
     def fail(self, task: _Task, why: str) -> None:
         self.finish(task, np.nan, False, [why] * len(task.members))

@@ -1,0 +1,159 @@
+"""2D incompressible Navier–Stokes in vorticity–stream-function form on the periodic square [0, 2pi]^2.
+
+    d_t w + u . grad w = nu Lap w + f,    u = (d_y psi, -d_x psi),    -Lap psi = w,    nu = 1/Re,
+
+pseudo-spectral with rfft2 over the last two axes (x = axis -2 with wavenumber k1, y = axis -1 with k2, integers).
+The equation only: the Fourier-space tendency of the nonlinear term plus forcing, the viscous symbol, the velocity.
+Time stepping lives in `integrator.py`. FFTs use torch's default ("backward") normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEALIAS = ("two_thirds", "disc")
+
+
+def _wavenumbers(n: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer (k1, k2) on the rfft2 half-grid (n, n//2+1); the Nyquist row and column carry -n/2 and n/2."""
+    k1 = torch.fft.fftfreq(n, d=1.0 / n, dtype=dtype, device=device)
+    k2 = torch.fft.rfftfreq(n, d=1.0 / n, dtype=dtype, device=device)
+    return k1[:, None].expand(n, k2.numel()), k2[None, :].expand(n, k2.numel())
+
+
+def _zero_nyquist(k: torch.Tensor, n: int) -> torch.Tensor:
+    """Derivative wavenumbers: i k on the Nyquist mode is not a real operator, so it is set to zero."""
+    k = k.clone()
+    if n % 2 == 0:
+        k[k.abs() == n // 2] = 0.0
+    return k
+
+
+def dealias_mask(n: int, kind: str, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Mask on the half-grid: "two_thirds" keeps 3|k1| < n and 3|k2| < n (Orszag's 2/3 rule, a square); "disc"
+    keeps k1^2 + k2^2 <= 2 (n/3)^2 (the authors' choice). Both drop the mean mode (it never enters u . grad w)."""
+    k1, k2 = _wavenumbers(n, dtype, device)
+    if kind == "two_thirds":
+        keep = (3 * k1.abs() < n) & (3 * k2.abs() < n)
+    elif kind == "disc":
+        keep = k1**2 + k2**2 <= 2 * (n / 3) ** 2
+    else:
+        raise ValueError(f"unknown dealiasing {kind!r}; choose one of {DEALIAS}")
+    keep = keep.to(dtype)
+    keep[0, 0] = 0.0
+    return keep
+
+
+class NavierStokes2D:
+    """The right-hand side of d_t w = N(w) + nu Lap w on an n x n grid, for fields of shape (..., n, n).
+
+    forcing f = -A cos(k_f y) (A = forcing_amplitude, off when 0). dealias "two_thirds" masks the input fields and the
+    tendency (a Galerkin truncation: it conserves energy and enstrophy in the resolved band); "disc" masks the input
+    fields only, as the authors' code does.
+    """
+
+    def __init__(self, n: int, Re: float = 200.0, forcing_amplitude: float = 4.0, forcing_wavenumber: int = 4,
+                 dealias: str = "two_thirds", dtype: torch.dtype = torch.float64, device=None):
+        if n < 4:
+            raise ValueError(f"grid size {n} is too small")
+        if forcing_amplitude and not 0 < forcing_wavenumber < n / 2:
+            raise ValueError(f"forcing wavenumber {forcing_wavenumber} is not resolved on a {n}^2 grid")
+        self.n, self.Re, self.dealias = int(n), float(Re), dealias
+        self.forcing_amplitude, self.forcing_wavenumber = float(forcing_amplitude), int(forcing_wavenumber)
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        k1, k2 = _wavenumbers(n, dtype, self.device)
+        self.k2_abs = k1**2 + k2**2  # |k|^2, -Lap in Fourier space
+        self.inv_lap = torch.where(self.k2_abs > 0, 1.0 / self.k2_abs.clamp_min(1.0), 0.0)
+        self.ik1 = (1j * _zero_nyquist(k1, n)).to(cdtype)
+        self.ik2 = (1j * _zero_nyquist(k2, n)).to(cdtype)
+        self.mask = dealias_mask(n, dealias, dtype, self.device)
+        # rfft2 of -A cos(k_f y) is exactly -A n^2 / 2 at (0, k_f): one mode, so the mean stays exactly zero
+        self.f_mode = -self.forcing_amplitude * n * n / 2
+        self.f_hat = torch.zeros(n, n // 2 + 1, dtype=cdtype, device=self.device)
+        self.f_hat[0, self.forcing_wavenumber] = self.f_mode
+        # fused multipliers of the tendency: masked w_hat -> (u_hat, v_hat), and -d/dx, -d/dy (masked for 2/3)
+        self._to_u = self.mask * self.inv_lap * self.ik2
+        self._to_v = -self.mask * self.inv_lap * self.ik1
+        out_mask = self.mask if dealias == "two_thirds" else torch.ones_like(self.mask)
+        self._neg_dx, self._neg_dy = -out_mask * self.ik1, -out_mask * self.ik2
+
+    @property
+    def nu(self) -> float:
+        """Kinematic viscosity nu = 1/Re."""
+        return 1.0 / self.Re
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> NavierStokes2D:
+        """The same equation for another dtype or device (self when nothing changes)."""
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else self.device
+        if dtype == self.dtype and device == self.device:
+            return self
+        return NavierStokes2D(self.n, self.Re, self.forcing_amplitude, self.forcing_wavenumber, self.dealias,
+                              dtype, device)
+
+    def fft(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft2(w)
+
+    def ifft(self, w_hat: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft2(w_hat, s=(self.n, self.n))
+
+    def viscous_symbol(self) -> torch.Tensor:
+        """L = -nu |k|^2: the Fourier symbol of nu Lap, on the half-grid (n, n//2+1)."""
+        return -self.nu * self.k2_abs
+
+    def forcing(self) -> torch.Tensor:
+        """f(x, y) = -A cos(k_f y) on the grid (n, n)."""
+        return self.ifft(self.f_hat)
+
+    def stream_function(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """psi_hat = w_hat / |k|^2 (from -Lap psi = w), with the mean mode set to zero."""
+        return w_hat * self.inv_lap
+
+    def velocity_hat(self, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u_hat, v_hat) = (i k2 psi_hat, -i k1 psi_hat), i.e. u = (d_y psi, -d_x psi)."""
+        psi = self.stream_function(w_hat)
+        return self.ik2 * psi, -self.ik1 * psi
+
+    def velocity(self, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, v) on the grid from the vorticity's Fourier coefficients."""
+        u, v = self.ifft(torch.stack(self.velocity_hat(w_hat)))
+        return u, v
+
+    def max_speed(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """max over the grid of |u| = sqrt(u^2 + v^2), one value per member (shape w_hat.shape[:-2])."""
+        u, v = self.velocity(w_hat)
+        return (u * u + v * v).amax(dim=(-2, -1)).sqrt()
+
+    def energy(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """Kinetic energy per unit area, E = (1/2) mean |u|^2, per member."""
+        u, v = self.velocity(w_hat)
+        return 0.5 * (u * u + v * v).mean(dim=(-2, -1))
+
+    def tendency(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """N(w_hat) = -F[div(u w)] + f_hat (= -F[u . grad w] + f_hat since div u = 0), dealiased."""
+        spec = w_hat.new_empty((3, *w_hat.shape))  # masked (w, u, v) in Fourier space, one batched inverse FFT
+        torch.mul(w_hat, self.mask, out=spec[0])
+        torch.mul(w_hat, self._to_u, out=spec[1])
+        torch.mul(w_hat, self._to_v, out=spec[2])
+        w, u, v = self.ifft(spec)
+        flux = w.new_empty((2, *w.shape))
+        torch.mul(u, w, out=flux[0])
+        torch.mul(v, w, out=flux[1])
+        uw_hat, vw_hat = self.fft(flux)
+        nonlin = uw_hat.mul_(self._neg_dx).add_(vw_hat.mul_(self._neg_dy))
+        if self.forcing_amplitude:
+            nonlin[..., 0, self.forcing_wavenumber] += self.f_mode
+        return nonlin
+
+    def __repr__(self) -> str:
+        return (f"NavierStokes2D(n={self.n}, Re={self.Re:g}, forcing={self.forcing_amplitude:g}cos"
+                f"({self.forcing_wavenumber}y), dealias={self.dealias!r}, dtype={self.dtype}, device={self.device})")
+
+
+def grid(n: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid coordinates (x, y), each (n, n), with x along axis -2 and y along axis -1, spacing 2 pi / n."""
+    t = torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)
+    return torch.meshgrid(t, t, indexing="ij")
