@@ -36,6 +36,31 @@ class LinearGaussianProblem(_Model):
         return self
 
 
+class NavierStokesProblem(_Model):
+    """2D Navier-Stokes (enkg.md §4): recover x = w(., 0)/10 from w(., T) on every k-th grid point plus noise."""
+
+    kind: Literal["navier_stokes"] = "navier_stokes"
+    n: int = Field(64, ge=8, le=512, description="grid N (periodic [0, 2pi]^2)")
+    k: int = Field(2, ge=1, description="observe every k-th point")
+    T: float = Field(1.0, gt=0, description="observation time")
+    Re: float = Field(200.0, gt=0)
+    noise_std: float = Field(0.0, ge=0, description="observation noise std in vorticity units (0: noiseless)")
+    truth_seed: int = Field(0, ge=0, description="seed of the true initial field (a GRF spun up) and of the noise")
+    spinup: float = Field(5.0, ge=0, description="time units the true initial field is evolved from its GRF draw")
+    step_mode: Literal["per_member", "paper"] = Field("per_member", description="CFL step per member, or the "
+                                                      "authors' batch minimum")
+    dealias: Literal["disc", "two_thirds"] = "disc"
+    max_steps: int = Field(20000, ge=1, description="a member needing more time steps fails")
+    member_chunk: int | None = Field(1, ge=1, description="members per FFT call; 1 makes each member's result "
+                                     "bitwise independent of batching (null: fastest)")
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.n % self.k:
+            raise ValueError(f"n={self.n} is not a multiple of k={self.k}")
+        return self
+
+
 class ExternalProblem(_Model):
     """Your simulator program, run once per member (argv list, never a shell; files exchanged as .npy)."""
 
@@ -55,7 +80,8 @@ class ExternalProblem(_Model):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-ProblemConfig = Annotated[Union[LinearGaussianProblem, ExternalProblem], Field(discriminator="kind")]
+ProblemConfig = Annotated[Union[LinearGaussianProblem, NavierStokesProblem, ExternalProblem],
+                          Field(discriminator="kind")]
 
 
 class GaussianPrior(_Model):

@@ -50,6 +50,15 @@ def build(cfg: cfgmod.RunConfig) -> Built:
             truth_seed=p.truth_seed)
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
         return _with_chaos(cfg, Built(problem, prior, post, obs))
+    if p.kind == "navier_stokes":
+        from enkg_dist.priors.gaussian import GaussianFieldPrior
+        from enkg_dist.problems import navier_stokes as ns
+
+        problem = ns.make_problem(n=p.n, k=p.k, noise_std=p.noise_std, T=p.T, truth=p.truth_seed, seed=p.truth_seed,
+                                  spinup=p.spinup, Re=p.Re, dealias=p.dealias, mode=p.step_mode,
+                                  max_steps=p.max_steps, chunk=p.member_chunk)
+        prior = GaussianFieldPrior.matern_like(p.n, pr.alpha, pr.tau, pr.std, zero_mean_mode=True)
+        return _with_chaos(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
     if p.kind == "external":
         return _with_chaos(cfg, _build_external(p, pr))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover

@@ -123,3 +123,14 @@ def test_run_completes_with_ten_percent_failures(tmp_path):
     cfg = cfgmod.load_config(None, SMALL)
     assert m["failed_evaluations"] > 0
     assert m["forward_evaluations"] == runner.forward_budget(cfg)["forward_evaluations"]
+
+
+def test_navier_stokes_on_ray_equals_in_process(tmp_path):
+    ns = ["problem={kind: navier_stokes, n: 16, k: 2, spinup: 1.0}", "prior.alpha=2.5", "enkg.ensemble_size=6",
+          "enkg.num_steps=6", "output_dir=/tmp/unused"]
+    runs = []
+    for name, extra in [("local", []), ("ray2", ["execution.backend=ray", "execution.num_workers=2"]),
+                        ("ray3", ["execution.backend=ray", "execution.num_workers=3", "execution.batch_size=2"])]:
+        out, _ = runner.run(cfgmod.load_config(None, ns + extra), tmp_path / name, progress=False)
+        runs.append(torch.load(out / "ensemble.pt")["particles"])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -32,11 +32,14 @@ class NavierStokesForward(ForwardModel):
 
     def __init__(self, n: int = 128, k: int = 2, T: float = 1.0, Re: float = 200.0, forcing_amplitude: float = 4.0,
                  forcing_wavenumber: int = 4, dealias: str = "disc", mode: str = "per_member",
-                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None):
+                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | None = 1):
         if n % k:
             raise ValueError(f"grid size {n} is not a multiple of the subsampling factor {k}")
         self.n, self.k, self.T, self.mode, self.max_steps = n, k, float(T), mode, int(max_steps)
         self.dtype, self.device = dtype, device
+        # members per FFT call: 1 keeps each member's bits independent of the batch it came in (FFT kernels vectorise
+        # across a batch, so a batched result can differ at round-off); None: the solver's fastest chunking
+        self.chunk = chunk
         self.equation = NavierStokes2D(n, Re, forcing_amplitude, forcing_wavenumber, dealias)
         self._equations = {}  # (dtype, device) -> the equation there, built once
         self.state_shape = (1, n, n)
@@ -52,7 +55,8 @@ class NavierStokesForward(ForwardModel):
         key = (w0.dtype, w0.device)
         if key not in self._equations:
             self._equations[key] = self.equation.to(*key)
-        return solve(w0, self.T, mode=self.mode, equation=self._equations[key], max_steps=self.max_steps)
+        return solve(w0, self.T, mode=self.mode, equation=self._equations[key], max_steps=self.max_steps,
+                     chunk=self.chunk)
 
     def __call__(self, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:
         self.check_input(x)

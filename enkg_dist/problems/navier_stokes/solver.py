@@ -53,7 +53,8 @@ def cfl_step(max_speed: torch.Tensor, h: float, mu: float, cfl: float = 0.5) -> 
 
 
 def _chunked(fn, chunk: int, *rows: torch.Tensor) -> torch.Tensor:
-    """fn on `chunk` rows at a time, concatenated (rows are independent, so this changes no result)."""
+    """fn on `chunk` rows at a time, concatenated; chunk=1 makes each row's bits independent of the batch (FFTs
+    vectorise across rows, so a batched call may differ at round-off)."""
     if rows[0].shape[0] <= chunk:
         return fn(*rows)
     return torch.cat([fn(*(r[i : i + chunk] for r in rows)) for i in range(0, rows[0].shape[0], chunk)])
@@ -106,7 +107,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     if T == 0:
         out[active] = omega0[active]
         active = active[:0]
-    w_hat = eq.fft(omega0[active]) if active.numel() else None
+    w_hat = _chunked(eq.fft, chunk, omega0[active]) if active.numel() else None
     batch_steps = 0
 
     while active.numel():
@@ -134,7 +135,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
             continue
         done = last & ~bad
         if bool(done.any()):
-            out[active[done]] = eq.ifft(w_hat[done])
+            out[active[done]] = _chunked(eq.ifft, chunk, w_hat[done])
         flags = zip(active[leave].tolist(), bad_speed[leave].tolist(), bad[leave].tolist(), over[leave].tolist())
         for b, no_speed, is_bad, is_over in flags:
             at = f"at step {int(steps[b])} (t={float(t[b]):.4g})"
