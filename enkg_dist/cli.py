@@ -70,6 +70,54 @@ def resume_cmd(
     typer.echo(f"run directory: {out} (resumed from step {metrics['resumed_from_step']})")
 
 
+@app.command("inspect")
+def inspect_cmd(run_dir: Path = typer.Argument(..., help="a run directory or a run store"),
+                as_json: bool = typer.Option(False, "--json", help="the summary as JSON")):
+    """Steps, members, failures, misfit and timings of a run (finished or in progress), as a table."""
+    from enkg_dist import report
+
+    try:
+        typer.echo(json.dumps(report.summary(run_dir), indent=1) if as_json else report.inspect_run(run_dir))
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory or a run store"),
+               out: Optional[Path] = typer.Option(None, "--out", help="where the PNGs go (default RUN_DIR/report)")):
+    """Figures of a run: reconstruction, misfit and error against step, failures per step, spread."""
+    from enkg_dist import report
+
+    try:
+        for path in report.make_report(run_dir, out):
+            typer.echo(str(path))
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+@app.command("generate-data")
+def generate_data_cmd(
+    path: str = typer.Argument(..., help="Zarr data set to write (resumed when it exists with the same parameters)"),
+    n: int = typer.Option(64, help="grid N"),
+    train: int = typer.Option(1024), val: int = typer.Option(16), test: int = typer.Option(16),
+    alpha: float = typer.Option(2.5), tau: float = typer.Option(3.0), std: float = typer.Option(5.0),
+    spinup: float = typer.Option(5.0, help="time units each GRF draw is evolved"),
+    seed: int = typer.Option(0), batch: int = typer.Option(32, help="samples per chunk and per solve"),
+    dtype: str = typer.Option("float32"), threads: Optional[int] = typer.Option(None, help="torch threads"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Navier-Stokes training data from our own simulator: GRF initial fields evolved `spinup` time units."""
+    from enkg_dist.data import generate_dataset
+
+    try:
+        out = generate_dataset(path, n=n, splits={"train": train, "val": val, "test": test}, alpha=alpha, tau=tau,
+                               std=std, spinup=spinup, seed=seed, batch=batch, progress=progress, dtype=dtype,
+                               threads=threads)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    typer.echo(json.dumps(out))
+
+
 def main() -> None:
     app(sys.argv[1:])
 

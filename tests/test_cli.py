@@ -1,4 +1,5 @@
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -49,3 +50,26 @@ def test_shipped_jobs_validate(job):
     root = pathlib.Path(__file__).resolve().parents[1]
     r = cli("run", str(root / job), "--dry-run")
     assert r.returncode == 0, r.stderr
+
+
+def test_inspect_and_report_commands(tmp_path):
+    out = tmp_path / "run"
+    assert cli("run", *SMALL, "--run-dir", str(out), "--no-progress").returncode == 0
+    r = cli("inspect", str(out))
+    assert r.returncode == 0 and "finished" in r.stdout, r.stderr
+    r = cli("report", str(out))
+    assert r.returncode == 0, r.stderr
+    pngs = [line for line in r.stdout.splitlines() if line.endswith(".png")]
+    assert len(pngs) == 4 and all(pathlib.Path(p).stat().st_size > 10_000 for p in pngs)
+    r = cli("inspect", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_generate_data_command(tmp_path):
+    args = ["generate-data", str(tmp_path / "d.zarr"), "--n", "16", "--train", "4", "--val", "2", "--test", "2",
+            "--spinup", "0.2", "--batch", "2", "--threads", "1", "--no-progress"]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["train"]["done"] == 4
+    r = cli(*args[:-3], "--alpha", "3.0", "--no-progress")  # different parameters over an existing set
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
