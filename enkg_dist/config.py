@@ -166,7 +166,8 @@ class StoreSettings(_Model):
     """The Zarr run store (checkpoints, per-member outputs, resume)."""
 
     path: str | None = Field(None, description="store location (dir or fsspec URL); null: RUN_DIR/store.zarr")
-    full_every: int = Field(1, ge=1, description="keep the full ensemble every n-th step (mean/std every step)")
+    full_every: int = Field(10, ge=1, description="keep the full ensemble every n-th step and the last (mean/std "
+                            "every step; resume always has the latest)")
     max_pending: int = Field(2, ge=1, description="steps queued for the background writer")
 
 

@@ -29,8 +29,8 @@ class RecordingEvaluator(Evaluator):
         self.step, self.k, self.skip_done = i, 0, skip_done
 
     def _record(self, k: int, rows, psi, ok, reasons) -> None:
-        for j, p, o, r in zip(rows, psi, ok, reasons):
-            self._pending.append(self._pool.submit(self.store.record_member, self.step, k, int(j), p, bool(o), r))
+        self._pending.append(self._pool.submit(self.store.record_members, self.step, k, list(rows), np.array(psi),
+                                               np.array(ok), list(reasons)))
 
     def wait_records(self) -> None:
         """Block until every member record of this step is written (called before the step commits)."""

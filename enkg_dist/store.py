@@ -289,6 +289,20 @@ class RunStore:
             self._a["reason"][step, k, j] = str(reason)
         self._a["status"][step, k, j] = OK if ok else FAILED
 
+    def record_members(self, step: int, k: int, members, psi, ok, reasons=None) -> None:
+        """Write several members' outputs now, in bulk (one zarr call per array): all psi first, the status last."""
+        self._check_writable(step)
+        idx = np.asarray(members, dtype=np.int64).reshape(-1)
+        psi, ok = _to_numpy(psi), _to_numpy(ok).astype(bool).reshape(-1)
+        if len(idx) == 0:
+            return
+        self._a["psi"].set_orthogonal_selection((step, k, idx), psi)
+        bad = [(int(j), str(r)) for j, r in zip(idx, reasons or [None] * len(idx)) if r]
+        if bad:
+            self._a["reason"].set_orthogonal_selection((step, k, np.array([j for j, _ in bad])),
+                                                       np.array([r for _, r in bad], dtype=object))
+        self._a["status"].set_orthogonal_selection((step, k, idx), np.where(ok, OK, FAILED).astype(np.int8))
+
     def record_correction(self, step: int, k: int, psi, ok, reasons: Mapping[int, str] | None = None) -> None:
         """Queue all J outputs of correction k for the background writer (psi of all members before any status)."""
         self._check_writable(step)

@@ -1,0 +1,21 @@
+"""Runs every benchmark once, each in its own process, printing its tables (`make bench`)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RUNS = [
+    ["bench_kalman.py", "--dtype", "float32"],
+    ["bench_ns_solver.py"],
+    ["bench_mpi_ns.py"],
+    ["bench_store.py", "--quick"],
+    ["bench_ray_dispatch.py"],
+    ["bench_enkg_step.py"],
+    ["linear_gaussian_table.py", "--quick"],
+]
+
+if __name__ == "__main__":
+    for args in RUNS:
+        print(f"\n### python benchmarks/{' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], check=False)
