@@ -15,7 +15,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     if address:
         ray.init(address=address, logging_level="warning", log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=dashboard,
+        # address="local": always a new embedded Ray, never a cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=dashboard,
                  dashboard_host=host, _node_ip_address=host, logging_level="warning")
     return ray.cluster_resources()
 

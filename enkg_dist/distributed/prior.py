@@ -44,9 +44,9 @@ class RemotePrior:
 
     def __init__(self, spec, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0):
         device = "cuda" if num_gpus > 0 else "cpu"
-        spec_ref = ray.put(spec)
+        self._spec = ray.put(spec)  # kept referenced: a restarted actor (after a node loss) is built from it again
         self.actors = [RemotePriorWorker.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3,
-                                                 max_task_retries=3).remote(spec_ref, device)
+                                                 max_task_retries=3).remote(self._spec, device)
                        for _ in range(num_actors)]
 
     def _map(self, method: str, x: torch.Tensor, *args) -> torch.Tensor:

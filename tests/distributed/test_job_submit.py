@@ -54,6 +54,9 @@ def head(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
+    current = Path("/tmp/ray/ray_current_cluster")  # `ray start` records the head here; only `ray stop` removes it
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 @pytest.mark.cluster
