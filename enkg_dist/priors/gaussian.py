@@ -90,7 +90,6 @@ class GaussianFieldPrior:
         data = data.reshape(-1, data.shape[-2], data.shape[-1])
         if data.shape[0] < 2 or data.shape[-1] != data.shape[-2]:
             raise ValueError(f"need at least 2 square samples to fit a prior, got shape {tuple(data.shape)}")
-        n = data.shape[-1]
         mean = data.mean(0)
         power = (_fft(data - mean).abs() ** 2).sum(0) / (data.shape[0] - 1)
         if radial:
