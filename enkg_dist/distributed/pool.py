@@ -93,6 +93,18 @@ class WorkerPool:
         self._start_worker(w)
         self.stats.workers_replaced += 1
 
+    def wait_ready(self, timeout: float | None = None) -> int:
+        """Block until every worker has started (or `timeout` s passed); returns how many are still starting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._starting:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=left)
+            for ref in ready:
+                self._worker_started(ref)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return len(self._starting)
+
     def shutdown(self) -> None:
         for a in self.workers:
             ray.kill(a, no_restart=True)
@@ -171,11 +183,13 @@ class _Dispatch:
         lane.append(ref)
 
     def fill(self) -> None:
-        for w in sorted(self.ready_workers):
-            while self.queue and len(self.lanes[w]) < self.o.depth:
-                task = self.queue.popleft()
-                if task.id not in self.done:
-                    self.submit(task, w)
+        """Queue tasks on ready workers round by round: every worker gets one before any gets a second."""
+        for level in range(1, self.o.depth + 1):
+            for w in sorted(self.ready_workers):
+                while self.queue and len(self.lanes[w]) < level:
+                    task = self.queue.popleft()
+                    if task.id not in self.done:
+                        self.submit(task, w)
 
     def replace(self, w: int, actor, kill: bool) -> None:
         """Restart slot w (once per dead actor); its queued tasks go back to the queue."""
