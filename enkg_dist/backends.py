@@ -40,7 +40,6 @@ class Evaluator:
     def __call__(self, x_hat: torch.Tensor):
         res = self.evaluate(x_hat)
         J = x_hat.shape[0]
-        self.n_evals += J
         self.last = res
         self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
         ok = res.ok & torch.isfinite(res.psi).all(dim=1)
@@ -53,7 +52,8 @@ class Evaluator:
         return res.psi, ok
 
     def evaluate(self, x_hat: torch.Tensor) -> ForwardResult:
-        """All members' forward runs (a subclass may skip some or record them)."""
+        """All members' forward runs, counted in n_evals (a subclass may skip some or record them)."""
+        self.n_evals += x_hat.shape[0]
         return self.forward(x_hat)
 
 
@@ -92,7 +92,7 @@ def ray_backend(prior, problem, ex, address: str | None) -> Backend:
     remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1)
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
-        resources=dict(ex.worker_resources), batch_size=ex.batch_size or 1, timeout=ex.timeout,
+        resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,
         straggler_factor=ex.straggler_factor, max_retries=ex.max_retries))
 
     def close():

@@ -51,11 +51,11 @@ class RecordingEvaluator(Evaluator):
             psi[j], ok[j], reasons[j] = torch.from_numpy(np.asarray(p)).to(x_hat.dtype), o, r
         if todo:
             idx = np.array(todo)
+            self.n_evals += len(todo)
             res = self.forward(x_hat[idx], on_result=lambda rows, p, o, r: self._record(k, idx[rows], p, o, r))
             psi[idx], ok[idx] = res.psi.to(x_hat.dtype), res.ok
             for j, r in zip(todo, res.reasons):
                 reasons[j] = r
-        self.n_evals += len(todo) - J  # the base class counts J; only `todo` were run
         return ForwardResult(psi, ok, reasons)
 
     def close(self) -> None:

@@ -135,3 +135,26 @@ def test_navier_stokes_on_ray_equals_in_process(tmp_path):
         out, _ = runner.run(cfgmod.load_config(None, ns + extra), tmp_path / name, progress=False)
         runs.append(torch.load(out / "ensemble.pt")["particles"])
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_auto_batch_size_balances_dispatch_cost_and_load():
+    from enkg_dist.distributed.pool import auto_batch_size
+
+    assert auto_batch_size(256, 32, None) == 4  # untimed: J / (2 W), two tasks per worker
+    assert auto_batch_size(256, 32, 0.05) == 4  # 50 ms members: dispatch would be busy, take the cap
+    assert auto_batch_size(256, 32, 2.0) == 1  # expensive members: one per task balances load best
+    assert auto_batch_size(4096, 8, 0.01) == 32  # ceil(8 x 2 ms / (0.05 x 10 ms)) under the cap of 256
+    assert auto_batch_size(10, 32, None) == 1
+
+
+def test_auto_batched_pool_equals_the_unbatched_result():
+    G = ChaosForward(SubsampleBlur(8, 2), fail_rate=0.0, delay=0.01)
+    x = _rows(J=40)
+    pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=2, batch_size=None))
+    try:
+        first, second = pool.evaluate(x), pool.evaluate(x)
+        assert torch.equal(first.psi, G(x).psi) and torch.equal(second.psi, first.psi)
+        assert pool.stats.batch_sizes[0] == 10  # untimed: 40 / (2 x 2)
+        assert 1 <= pool.stats.batch_sizes[1] <= 10
+    finally:
+        pool.shutdown()
