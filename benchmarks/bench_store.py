@@ -2,10 +2,17 @@
 
     python benchmarks/bench_store.py            # J = 1024 members at 128 x 128 float32 (64 MiB a step)
     python benchmarks/bench_store.py --quick    # J = 128 (8 MiB a step)
+    python benchmarks/bench_store.py --step     # also: EnKG step time with the store on vs off (J = 1024, 128^2)
 
 Times the blocking part of commit_step (what the EnKG loop waits for), the writer thread's throughput when steps
 are committed back to back (writer-bound), per-member record_member calls, and a plain-Python write of the same
 bytes, with and without fsync (the store itself never fsyncs: it relies on atomic renames).
+
+--step times whole guided EnKG steps (linear-Gaussian problem at n x n, float32, K = 1) the way the runner runs them,
+with the store off (plain Evaluator) and on (RecordingEvaluator recording every member's output as it arrives, then
+the runner's commit of the full ensemble), alternating off/on. The simulator stands for a cluster of W workers
+(--workers): every member takes `--sim` seconds, W run at once, results arrive spread over each wave. W = J is the
+extreme where a whole step's members finish within one simulator time and the store's share is the largest.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from enkg_dist.store import RunStore
 
@@ -70,6 +78,65 @@ def bench_store(root: Path, J: int, n: int, steps: int, obs: int) -> dict:
             "per_member": per_member, "on_disk": on_disk}
 
 
+def cluster_forward(G, sim: float, workers: int, groups: int = 8):
+    """forward(x, on_result) as W = `workers` simulator workers would run it: waves of W members, each wave taking
+    `sim` s of wall time, its results arriving in `groups` parts spread over the wave."""
+    from enkg_dist.problems.base import ForwardResult
+
+    def forward(x, on_result=None):
+        res = G(x)
+        ok = torch.ones(x.shape[0], dtype=torch.bool)
+        for wave in np.array_split(np.arange(x.shape[0]), -(-x.shape[0] // workers)):
+            for rows in np.array_split(wave, groups):
+                time.sleep(sim / groups)
+                if on_result is not None:
+                    on_result(list(rows), res.psi[rows].numpy(), ok[rows].numpy(), [None] * len(rows))
+        return ForwardResult(res.psi, ok, [None] * x.shape[0])
+
+    return forward
+
+
+def bench_step(root: Path, J: int, n: int, sim: float, workers: int, steps: int, rounds: int) -> dict:
+    """Median seconds of a guided EnKG step with the store off and on (full ensemble committed every step)."""
+    from enkg_dist import sampler
+    from enkg_dist.backends import Evaluator
+    from enkg_dist.problems.linear_gaussian import make_problem
+    from enkg_dist.recording import RecordingEvaluator
+    from enkg_dist.runner import _commit
+
+    problem, prior, _ = make_problem(n=n, k=2, noise_std=0.1, dtype=torch.float32)
+    forward = cluster_forward(problem.forward, sim, workers)
+    cfg = sampler.EnKGConfig(num_steps=steps + 1, num_corrections=1, guidance_start=0.0, guidance_end=0.0)
+    y, sigmas = problem.y.to(torch.float32), cfg.sigmas()
+    x0 = sampler.initial_particles(0, J, prior.state_shape, cfg.sigma_max, torch.float32)
+    times = {"off": [], "on": []}
+    for r in range(rounds):
+        for mode in ("off", "on"):
+            store = None
+            if mode == "on":
+                store = RunStore.create(root / f"step-{workers}-{r}.zarr", config={}, config_yaml="", J=J,
+                                        state_shape=prior.state_shape, obs_size=problem.forward.obs_size,
+                                        num_steps=steps + 1, num_corrections=1, dtype="float32")
+                ev = RecordingEvaluator(forward, store=store)
+            else:
+                ev = Evaluator(forward)
+            x = x0.clone()
+            for i in range(steps):
+                t0 = time.perf_counter()
+                if store is not None:
+                    ev.begin_step(i)
+                rec = sampler.enkg_step(prior.denoise, ev, x, i, y, problem.Gamma, cfg, 0, sigmas)
+                x = rec.x
+                if store is not None:
+                    _commit(store, ev, i, x, rec.sigma, [c.info for c in rec.corrections], t0)
+                if i > 0:  # the first step warms caches and thread pools
+                    times[mode].append(time.perf_counter() - t0)
+            if store is not None:
+                ev.close()
+                store.close()
+    return {k: np.array(v) for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="J = 128 instead of 1024")
@@ -77,6 +144,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=128, help="state is n x n float32")
     p.add_argument("--steps", type=int, default=None, help="half paced, half back to back (16 quick, 8 full)")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    p.add_argument("--step", action="store_true", help="also time EnKG steps with the store on vs off")
+    p.add_argument("--sim", type=float, default=1.0, help="seconds per member of the --step simulator")
+    p.add_argument("--rounds", type=int, default=1, help="off/on alternations of --step (4 timed steps each)")
+    p.add_argument("--workers", default="64,1024", help="--step: simulator workers emulated (comma-separated)")
     a = p.parse_args()
     J = a.J or (128 if a.quick else 1024)
     a.steps = a.steps or (16 if a.quick else 8)
@@ -87,6 +158,8 @@ def main() -> None:
         block = np.random.default_rng(1).standard_normal(step_bytes // 4, dtype=np.float32)
         cached = plain_write(root / "plain.bin", block, a.steps, fsync=False)
         synced = plain_write(root / "plain.bin", block, a.steps, fsync=True)
+        Ws = [int(w) for w in a.workers.split(",")] if a.step else []
+        st = {W: bench_step(root, J, a.n, a.sim, W, 5, a.rounds) for W in Ws}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     step_mib = step_bytes / MiB
@@ -104,6 +177,13 @@ def main() -> None:
     print(f"{'what':50s} {'value':>12s}")
     for what, value in rows:
         print(f"{what:50s} {value:>12s}")
+    for W, t in st.items():
+        off, on = np.median(t["off"]), np.median(t["on"])
+        print(f"\nguided EnKG step, J = {J}, {a.n}x{a.n} float32, K = 1, simulator {a.sim:g} s per member on {W} "
+              f"workers, {len(t['off'])} steps each, alternating off/on:")
+        print(f"{'store off, median step':50s} {off:9.2f} s")
+        print(f"{'store on (every member recorded, full commit)':50s} {on:9.2f} s")
+        print(f"{'checkpoint overhead (on - off) / off':50s} {(on - off) / off * 100:9.1f} %")
 
 if __name__ == "__main__":
     main()
