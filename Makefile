@@ -4,14 +4,18 @@ PY := $(VENV)/bin/python
 JOB ?=
 ARGS ?=
 
-.PHONY: setup demo test check bench clean
+.PHONY: setup sysdeps demo test check bench clean
 setup:
 	@bash scripts/setup.sh
+
+# Debian packages of the cluster tests (Slurm, munge, sshd): installed when root with apt, else those tests skip
+sysdeps:
+	@bash scripts/system_deps.sh
 
 demo: setup
 	$(VENV)/bin/enkg-dist run $(JOB) $(ARGS)
 
-test: setup
+test: setup sysdeps
 	$(PY) -m pytest tests $(ARGS)
 
 check: setup

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from enkg_dist import config as cfgmod
+from enkg_dist import interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ensemble Kalman Diffusion Guidance, distributed.")
 
@@ -22,6 +23,11 @@ def _root() -> None:
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
+
+
+def _interrupted(e: interrupt.Interrupted) -> None:
+    typer.echo(e.message(), err=True)
+    raise typer.Exit(interrupt.EXIT_INTERRUPTED)
 
 
 @app.command()
@@ -45,7 +51,10 @@ def run(
         typer.echo(f"# budget: {json.dumps(runner.forward_budget(cfg))}")
         return
     try:
-        out, metrics = runner.run(cfg, run_dir, progress=progress, address=address)
+        with interrupt.stop_on_signals():
+            out, metrics = runner.run(cfg, run_dir, progress=progress, address=address)
+    except interrupt.Interrupted as e:
+        _interrupted(e)
     except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     keys = ["rel_l2_particles", "rel_l2_mean", "posterior_mean_rel_l2", "ratio_to_bayes", "spread_ratio",
@@ -64,7 +73,10 @@ def resume_cmd(
     from enkg_dist import runner
 
     try:
-        out, metrics = runner.resume(run_dir, progress=progress, address=address)
+        with interrupt.stop_on_signals():
+            out, metrics = runner.resume(run_dir, progress=progress, address=address)
+    except interrupt.Interrupted as e:
+        _interrupted(e)
     except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     typer.echo(f"run directory: {out} (resumed from step {metrics['resumed_from_step']})")
@@ -116,6 +128,64 @@ def generate_data_cmd(
     except (ValueError, RuntimeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     typer.echo(json.dumps(out))
+
+
+@app.command("train-prior")
+def train_prior_cmd(
+    data: Path = typer.Argument(..., help="Zarr data set from `enkg-dist generate-data` (train and val splits)"),
+    out: Path = typer.Option(..., "--out", help="output directory: checkpoint.pt, prior.pt (EMA), log.jsonl"),
+    config: Optional[Path] = typer.Option(None, "--config", help="train config YAML (TrainConfig keys, model: ...)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set lr=1e-3 --set model.model_channels=16"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt (its config is the base)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="total optimizer steps"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Train the EDM UNet prior (multi-process: torchrun --nproc-per-node=K -m enkg_dist.cli train-prior ...)."""
+    from enkg_dist.priors import training
+
+    try:
+        base = training.stored_config(out) if resume else None
+        cfg = training.load_train_config(config, [*set_, *([f"steps={steps}"] if steps else [])], base)
+        summary = training.train_prior(data, out, cfg, resume=resume, progress=progress)
+    except ValueError as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if summary["rank"] == 0:
+        typer.echo(json.dumps(summary))
+
+
+@app.command("slurm")
+def slurm_cmd(
+    job: Path = typer.Argument(..., help="job YAML"),
+    set_: list[str] = typer.Option([], "--set", help="override a key for the run: --set enkg.ensemble_size=1024"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory on shared storage "
+                                           "(default: output_dir/NAME)"),
+    nodes: int = typer.Option(1, min=1), cpus_per_task: int = typer.Option(4, "--cpus-per-task", min=1),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0), time: str = typer.Option("04:00:00"),
+    partition: Optional[str] = typer.Option(None), account: Optional[str] = typer.Option(None),
+    job_name: Optional[str] = typer.Option(None, "--job-name"),
+    output: Optional[str] = typer.Option(None, help="Slurm log file (default enkg-%j.out)"),
+    warning: int = typer.Option(120, min=30, help="seconds before the walltime at which the run stops cleanly"),
+    env: Optional[str] = typer.Option(None, help="venv, conda or none (default: the environment running this)"),
+    env_path: Optional[str] = typer.Option(None, "--env-path", help="the venv directory or conda env"),
+    modules: str = typer.Option("", help="environment modules to load before activation"),
+    site_setup: str = typer.Option("", "--site-setup", help="shell commands after activation (exports, ...)"),
+    ray_port: int = typer.Option(6379, "--ray-port"),
+    ray_start_args: str = typer.Option("", "--ray-start-args", help="extra `ray start` options for every node"),
+    sim_slots_gpu_node: Optional[int] = typer.Option(None, "--sim-slots-gpu-node", min=0,
+                                                     help="simulator slots on GPU nodes (default CPUs - GPUs)"),
+    template: Optional[Path] = typer.Option(None, help="the batch template (default cluster/slurm/enkg.sbatch)"),
+):
+    """Print a Slurm batch script for a job: `enkg-dist slurm JOB.yaml --nodes 4 > job.sbatch; sbatch job.sbatch`."""
+    from enkg_dist.launch import slurm
+
+    spec = slurm.SlurmJob(job, set_, run_dir, nodes=nodes, cpus_per_task=cpus_per_task, gpus_per_node=gpus_per_node,
+                          time=time, partition=partition, account=account, job_name=job_name, output=output,
+                          warning=warning, env_kind=env, env_path=env_path, modules=modules, site_setup=site_setup,
+                          ray_port=ray_port, ray_start_args=ray_start_args, sim_slots_gpu_node=sim_slots_gpu_node)
+    try:
+        typer.echo(slurm.job_script(spec, template or slurm.TEMPLATE), nl=False)
+    except (cfgmod.ConfigError, ValueError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def main() -> None:

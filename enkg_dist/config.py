@@ -93,7 +93,29 @@ class GaussianPrior(_Model):
     std: float = Field(0.5, gt=0, description="pointwise prior std")
 
 
-PriorConfig = Annotated[Union[GaussianPrior], Field(discriminator="kind")]
+class FittedGaussianPrior(_Model):
+    """The Gaussian random field fitted to a data set's mean and (radially averaged) spectrum: a learned prior's
+    baseline."""
+
+    kind: Literal["gaussian_fit"] = "gaussian_fit"
+    data: str = Field(..., description="Zarr data set from `enkg-dist generate-data`")
+    split: str = Field("train", description="the split fitted")
+    radial: bool = Field(True, description="average the spectrum over shells of |k| (isotropic)")
+
+
+class LearnedPrior(_Model):
+    """A trained EDM diffusion model (`enkg-dist train-prior`); `builtin:ns32` is the shipped 32x32 NS prior."""
+
+    kind: Literal["learned"] = "learned"
+    checkpoint: str = Field("builtin:ns32", description="checkpoint file, or builtin:NAME for a shipped one")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="where the denoiser runs (each prior actor "
+                                                   "on Ray)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="network precision (bfloat16: CUDA only)")
+    max_batch: int = Field(256, ge=1, description="members per network call")
+    compile: bool = Field(False, description="torch.compile the network (falls back to eager if it fails)")
+
+
+PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior], Field(discriminator="kind")]
 
 
 class EnKGSettings(_Model):
@@ -140,7 +162,8 @@ class ExecutionSettings(_Model):
     worker_gpus: float = Field(0.0, ge=0, description="GPUs per simulator worker")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
     batch_size: int | None = Field(None, ge=1, description="members per simulator call (null: all at once "
-                                   "in-process, 1 per task on Ray)")
+                                   "in-process; on Ray, chosen each step from J, the workers and the measured "
+                                   "member time: see distributed.pool.auto_batch_size)")
     timeout: float | None = Field(None, gt=0, description="seconds per member before it is failed (null: none)")
     straggler_factor: float | None = Field(None, gt=1, description="re-issue tasks slower than this x median")
     max_retries: int = Field(3, ge=0, description="re-dispatches of a task whose worker died")

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
-from enkg_dist import rng, sampler, schedules
+from enkg_dist import interrupt, rng, sampler, schedules
 from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.problems.base import InverseProblem, ensemble_metrics, relative_l2
@@ -39,11 +39,63 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BUILTIN_PRIORS = {"ns32": "ns32_prior.pt"}  # shipped checkpoints in enkg_dist/assets (README: how they were trained)
+
+
+def checkpoint_path(spec: str) -> Path:
+    """A checkpoint file from prior.checkpoint: a path, or builtin:NAME for a shipped one."""
+    if not spec.startswith("builtin:"):
+        return Path(spec).expanduser()
+    name = spec.split(":", 1)[1]
+    if name not in BUILTIN_PRIORS:
+        raise cfgmod.ConfigError(f"config error: prior.checkpoint: no builtin prior {name!r} (have: "
+                                 f"{', '.join(BUILTIN_PRIORS)})")
+    return Path(__file__).resolve().parent / "assets" / BUILTIN_PRIORS[name]
+
+
+def make_prior(pr, n: int, zero_mean_mode: bool = False):
+    """The prior of a config on the n x n grid: a Gaussian field, or a learned denoiser loaded from its checkpoint."""
+    if pr.kind == "gaussian":
+        from enkg_dist.priors.gaussian import GaussianFieldPrior
+
+        return GaussianFieldPrior.matern_like(n, pr.alpha, pr.tau, pr.std, zero_mean_mode=zero_mean_mode)
+    if pr.kind == "gaussian_fit":
+        return _fitted_prior(pr, n)
+    from enkg_dist.priors.learned import LearnedPrior
+
+    try:
+        return LearnedPrior.from_checkpoint(checkpoint_path(pr.checkpoint), device=pr.device, precision=pr.dtype,
+                                            compile=pr.compile, max_batch=pr.max_batch, resolution=n)
+    except ValueError as e:
+        raise cfgmod.ConfigError(f"config error: prior.checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def _fitted_prior(pr, n: int):
+    from enkg_dist.data import open_dataset
+    from enkg_dist.priors.gaussian import GaussianFieldPrior
+
+    try:
+        data = open_dataset(pr.data, pr.split)
+    except (OSError, KeyError, ValueError) as e:
+        raise cfgmod.ConfigError(f"config error: prior.data: cannot read split {pr.split!r} of {pr.data!r} "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if data.shape[-1] != n:
+        raise cfgmod.ConfigError(f"config error: prior.data: fields are {data.shape[-1]}x{data.shape[-1]}, the "
+                                 f"problem is {n}x{n}")
+    return GaussianFieldPrior.fit(torch.from_numpy(np.asarray(data)), radial=pr.radial)
+
+
 def build(cfg: cfgmod.RunConfig) -> Built:
     """Problem, prior and exact posterior (when known) for a config."""
     from enkg_dist.problems import linear_gaussian
 
     p, pr = cfg.problem, cfg.prior
+    if pr.kind != "gaussian" and p.kind == "linear_gaussian":
+        raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} does not apply to the linear-Gaussian "
+                                 "problem (its exact posterior needs its own Gaussian prior)")
+    if pr.kind == "learned" and cfg.method == "eki":
+        raise cfgmod.ConfigError("config error: prior.kind: EKI draws its ensemble from a Gaussian prior; a learned "
+                                 "prior needs method enkg")
     if p.kind == "linear_gaussian":
         problem, prior, post = linear_gaussian.make_problem(
             n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
@@ -51,13 +103,12 @@ def build(cfg: cfgmod.RunConfig) -> Built:
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
         return _with_chaos(cfg, Built(problem, prior, post, obs))
     if p.kind == "navier_stokes":
-        from enkg_dist.priors.gaussian import GaussianFieldPrior
         from enkg_dist.problems import navier_stokes as ns
 
         problem = ns.make_problem(n=p.n, k=p.k, noise_std=p.noise_std, T=p.T, truth=p.truth_seed, seed=p.truth_seed,
                                   spinup=p.spinup, Re=p.Re, dealias=p.dealias, mode=p.step_mode,
                                   max_steps=p.max_steps, chunk=p.member_chunk)
-        prior = GaussianFieldPrior.matern_like(p.n, pr.alpha, pr.tau, pr.std, zero_mean_mode=True)
+        prior = make_prior(pr, p.n, zero_mean_mode=True)
         return _with_chaos(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
     if p.kind == "external":
         return _with_chaos(cfg, _build_external(p, pr))
@@ -72,9 +123,8 @@ def _load_npy(path: str, what: str) -> torch.Tensor:
 
 
 def _build_external(p, pr) -> Built:
-    """An external program as G, the Gaussian prior on (1, n, n), y from a file or a synthetic twin."""
+    """An external program as G, the prior on (1, n, n), y from a file or a synthetic twin."""
     from enkg_dist.noise import NoiseCovariance
-    from enkg_dist.priors.gaussian import GaussianFieldPrior
     from enkg_dist.problems.base import safe_evaluate
     from enkg_dist.problems.external import ExternalProgramForward
 
@@ -85,11 +135,14 @@ def _build_external(p, pr) -> Built:
                                    env=dict(p.env))
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
-    prior = GaussianFieldPrior.matern_like(p.n, pr.alpha, pr.tau, pr.std)
+    prior = make_prior(pr, p.n)
     truth = None if p.truth is None else _load_npy(p.truth, "truth").reshape(1, p.n, p.n)
     if p.observation is not None:
         y = _load_npy(p.observation, "observation").reshape(-1)
     else:  # synthetic twin: truth from the prior, y = G(truth) + noise
+        if truth is None and pr.kind != "gaussian":
+            raise cfgmod.ConfigError("config error: problem.observation: a synthetic twin draws its truth from a "
+                                     "Gaussian prior; with a learned prior give problem.observation or problem.truth")
         if truth is None:
             truth = prior.sample(rng.member_normal(p.truth_seed, rng.DATA, [0], (1, p.n, p.n)))[0]
         res = safe_evaluate(G, truth[None])
@@ -204,7 +257,9 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     y = pb.y.to(device=device, dtype=dtype)
     store = open_store(cfg, out, built, resuming)
     backend = make_backend(cfg, built, address)
-    evaluator = RecordingEvaluator(backend.forward, cfg.execution.max_failed_fraction, store=store)
+    interrupt.rearm()  # ray.init replaces the SIGTERM handler
+    evaluator = RecordingEvaluator(interrupt.checked(backend.forward), cfg.execution.max_failed_fraction,
+                                   store=store)
     start, x = store.resume_state()
     start += 1
     x = None if x is None else torch.from_numpy(np.array(x)).to(device=device, dtype=dtype)
@@ -215,6 +270,10 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     except TooManyFailures as e:
         (out / "stopped.json").write_text(json.dumps({"reason": str(e), "step": evaluator.step,
                                                       "failures": evaluator.failures[:100]}))
+        raise
+    except interrupt.Interrupted as e:
+        store.flush()  # the queued steps, each with its commit marker last
+        e.step, e.run_dir = store.committed_step + 1, out
         raise
     finally:
         evaluator.close()
@@ -262,6 +321,7 @@ def _commit(store, evaluator, i: int, x: torch.Tensor, sigma: float, infos, t_st
     store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
                                             "weight": [u.weight for u in infos],
                                             "timings": {"total": time.perf_counter() - t_step}}, copy=False)
+    interrupt.check()  # a step boundary: a safe point to stop
 
 
 def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):

@@ -1,0 +1,1 @@
+"""Launch helpers for clusters (batch-script templating; no Ray import)."""
