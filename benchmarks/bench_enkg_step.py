@@ -15,6 +15,9 @@ from enkg_dist import config as cfgmod
 from enkg_dist import runner, sampler
 
 
+LINEAR_JOB = "builtin:linear_gaussian_64"  # a base job with the Gaussian prior, changed to NS below
+
+
 def one_step(cfg, address=None) -> float:
     built = runner.build(cfg)
     backend = runner.make_backend(cfg, built, address)
@@ -43,13 +46,13 @@ def main():
     torch.set_num_threads(1)
     base = [f"problem={{kind: navier_stokes, n: {args.n}, k: 2}}", "prior.alpha=2.5",
             f"enkg.ensemble_size={args.J}", "enkg.num_steps=40"]
-    t_local = one_step(cfgmod.load_config(None, base))
+    t_local = one_step(cfgmod.load_config(LINEAR_JOB, base))
     print(f"NS {args.n}^2, J = {args.J}, one guided step (K = 2):")
     print("| backend | step wall time (s) | vs in-process |")
     print("|---|---|---|")
     print(f"| in-process | {t_local:.2f} | 1.00 |", flush=True)
     for W in [int(w) for w in args.workers.split(",")]:
-        t = one_step(cfgmod.load_config(None, base + ["execution.backend=ray", f"execution.num_workers={W}",
+        t = one_step(cfgmod.load_config(LINEAR_JOB, base + ["execution.backend=ray", f"execution.num_workers={W}",
                                                       "execution.num_cpus=4"]))
         print(f"| Ray, {W} workers | {t:.2f} | {t_local / t:.2f}x |", flush=True)
 

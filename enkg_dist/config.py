@@ -286,9 +286,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML job (the embedded default when `path` is None), apply overrides, validate."""
+    """Read a YAML job (the embedded default when `path` is None; builtin:NAME for a shipped job), apply overrides,
+    validate."""
     if path is None:
         text = default_job_text()
+    elif str(path).startswith("builtin:"):
+        text = builtin_job_text(str(path).split(":", 1)[1])
     else:
         p = Path(path)
         if not p.is_file():
@@ -310,10 +313,23 @@ def validate(data: dict) -> RunConfig:
         raise ConfigError(_one_line(e)) from None
 
 
-def default_job_text() -> str:
+def builtin_jobs() -> list[str]:
+    """Names of the jobs shipped in enkg_dist/jobs (`default` is the one `enkg-dist run` runs with no job)."""
     from importlib.resources import files
 
-    return files("enkg_dist").joinpath("jobs/default.yaml").read_text()
+    return sorted(f.name[:-5] for f in files("enkg_dist").joinpath("jobs").iterdir() if f.name.endswith(".yaml"))
+
+
+def builtin_job_text(name: str) -> str:
+    from importlib.resources import files
+
+    if name not in builtin_jobs():
+        raise ConfigError(f"config error: no builtin job {name!r} (have: {', '.join(builtin_jobs())})")
+    return files("enkg_dist").joinpath(f"jobs/{name}.yaml").read_text()
+
+
+def default_job_text() -> str:
+    return builtin_job_text("default")
 
 
 def dump(cfg: RunConfig) -> str:

@@ -171,10 +171,19 @@ def _with_chaos(cfg: cfgmod.RunConfig, built: Built) -> Built:
 STORE_NAME = "store.zarr"
 
 
+def _has_store(cfg: cfgmod.RunConfig, run_dir: Path) -> bool:
+    """Whether the run's store exists: RUN_DIR/store.zarr, or store.path (an fsspec URL too) for this run dir."""
+    from enkg_dist.store import store_exists
+
+    if cfg.store.path is None:
+        return (run_dir / STORE_NAME).exists()
+    return (run_dir / "config.yaml").is_file() and store_exists(cfg.store.path)
+
+
 def prepare_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> tuple[Path, bool]:
     """(directory, resuming): an existing run directory with a store is resumed; else a fresh one is made with
     the resolved config written first."""
-    if run_dir is not None and (Path(run_dir) / STORE_NAME).exists():
+    if run_dir is not None and _has_store(cfg, Path(run_dir)):
         return Path(run_dir), True
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -310,9 +319,12 @@ def resume(run_dir: str | Path, progress: bool = True, address: str | None = Non
            overrides: list[str] | None = None) -> tuple[Path, dict]:
     """Continue the run in `run_dir` from its last committed step, with its stored config."""
     path = Path(run_dir) / "config.yaml"
-    if not (Path(run_dir) / STORE_NAME).exists() or not path.is_file():
-        raise cfgmod.ConfigError(f"config error: {run_dir} is not a run directory (no {STORE_NAME} or config.yaml)")
-    return run(cfgmod.load_config(path, overrides or []), run_dir, progress, address)
+    cfg = cfgmod.load_config(path, overrides or []) if path.is_file() else None
+    if cfg is None or not _has_store(cfg, Path(run_dir)):
+        where = STORE_NAME if cfg is None or cfg.store.path is None else cfg.store.path
+        raise cfgmod.ConfigError(f"config error: {run_dir} is not a run directory (no config.yaml, or no store at "
+                                 f"{where})")
+    return run(cfg, run_dir, progress, address)
 
 
 def _commit(store, evaluator, i: int, x: torch.Tensor, sigma: float, infos, t_step: float) -> None:

@@ -592,6 +592,15 @@ def _flush_at_exit() -> None:
             warnings.warn(str(e), stacklevel=1)
 
 
+def store_exists(path, storage_options: dict | None = None) -> bool:
+    """Whether a run store (a Zarr group with the store's attributes) is at `path` (a directory or fsspec URL)."""
+    try:
+        root = zarr.open_group(path, mode="r", storage_options=storage_options)
+    except (FileNotFoundError, KeyError, ValueError, OSError, zarr.errors.GroupNotFoundError):
+        return False
+    return "format_version" in root.attrs
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

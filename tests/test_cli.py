@@ -6,6 +6,7 @@ import sys
 import pytest
 
 SMALL = ["--set", "problem.n=16", "--set", "enkg.ensemble_size=16", "--set", "enkg.num_steps=20"]
+LG = "builtin:linear_gaussian_64"
 
 
 def cli(*args, cwd=None):
@@ -14,7 +15,7 @@ def cli(*args, cwd=None):
 
 def test_run_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
-    r = cli("run", *SMALL, "--run-dir", str(out), "--no-progress")
+    r = cli("run", LG, *SMALL, "--run-dir", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "run directory" in r.stdout
     for name in ("config.yaml", "metrics.json", "history.json", "ensemble.pt", "reconstruction.png"):
@@ -26,7 +27,7 @@ def test_run_writes_a_complete_run_directory(tmp_path):
 
 
 def test_eki_method_runs(tmp_path):
-    r = cli("run", "--set", "method=eki", "--set", "problem.n=16", "--set", "eki.ensemble_size=40",
+    r = cli("run", LG, "--set", "method=eki", "--set", "problem.n=16", "--set", "eki.ensemble_size=40",
             "--set", "eki.iterations=3", "--run-dir", str(tmp_path / "e"), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["forward_evaluations"] == 120
@@ -54,7 +55,7 @@ def test_shipped_jobs_validate(job):
 
 def test_inspect_and_report_commands(tmp_path):
     out = tmp_path / "run"
-    assert cli("run", *SMALL, "--run-dir", str(out), "--no-progress").returncode == 0
+    assert cli("run", LG, *SMALL, "--run-dir", str(out), "--no-progress").returncode == 0
     r = cli("inspect", str(out))
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr
     r = cli("report", str(out))

@@ -2,9 +2,13 @@ import pytest
 
 from enkg_dist.config import ConfigError, apply_overrides, load_config, validate
 
+LG = "builtin:linear_gaussian_64"
+
 
 def test_default_job_is_valid_and_complete():
     cfg = load_config(None)
+    assert cfg.problem.kind == "navier_stokes" and cfg.prior.kind == "learned"
+    cfg = load_config(LG)
     assert cfg.problem.kind == "linear_gaussian" and cfg.problem.n == 64
     assert cfg.enkg.sampler_config().scale == cfg.enkg.scale
 
@@ -26,7 +30,7 @@ def test_bad_configs_give_one_line_errors(data, message):
 
 def test_overrides_and_yaml_errors(tmp_path):
     assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]", "d=null"]) == {"a": {"b": 1, "c": [1, 2]}, "d": None}
-    cfg = load_config(None, ["enkg.ensemble_size=32", "problem.noise_std=0.5"])
+    cfg = load_config(LG, ["enkg.ensemble_size=32", "problem.noise_std=0.5"])
     assert cfg.enkg.ensemble_size == 32 and cfg.problem.noise_std == 0.5
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["enkg.scale"])
@@ -34,6 +38,8 @@ def test_overrides_and_yaml_errors(tmp_path):
     bad.write_text("enkg: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="no builtin job 'nope' \\(have: default, linear_gaussian_64"):
+        load_config("builtin:nope")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     bad.write_text("- a list\n")

@@ -12,6 +12,8 @@ from enkg_dist import report, runner
 from enkg_dist.backends import TooManyFailures
 from enkg_dist.store import FAILED, NOT_RUN, RunStore
 
+LG = "builtin:linear_gaussian_64"
+
 SMALL = ["problem.n=16", "enkg.ensemble_size=8", "enkg.num_steps=10", "chaos={fail_rate: 0.2, modes: [nan]}"]
 ROW = re.compile(r"^│\s+\d+ │", re.M)  # a step row of the rich table
 
@@ -29,7 +31,7 @@ def _rel_l2(mean, truth):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A real small run with injected failures (the cap lifted so that 8 members never stop it)."""
-    cfg = cfgmod.load_config(None, SMALL + ["execution.max_failed_fraction=1.0"])
+    cfg = cfgmod.load_config(LG, SMALL + ["execution.max_failed_fraction=1.0"])
     out, metrics = runner.run(cfg, tmp_path_factory.mktemp("report") / "run", progress=False)
     return out, metrics
 
@@ -123,7 +125,7 @@ def _config(run_dir):
 
 def test_store_written_step_by_step(tmp_path):
     """A store made by RunStore.create with distinct failure reasons, committed up to step 2 of 5."""
-    cfg = cfgmod.load_config(None, ["problem.n=8", "enkg.ensemble_size=4", "enkg.num_steps=5", "name=tiny"])
+    cfg = cfgmod.load_config(LG, ["problem.n=8", "enkg.ensemble_size=4", "enkg.num_steps=5", "name=tiny"])
     J, K, shape, m = 4, 2, (1, 8, 8), 16
     path = tmp_path / "run" / "store.zarr"
     st = RunStore.create(path, config=cfg.model_dump(mode="json"), config_yaml=cfgmod.dump(cfg), J=J,
@@ -176,7 +178,7 @@ def test_store_written_step_by_step(tmp_path):
 def test_stopped_run(tmp_path):
     """The brief's run with the default failure cap: it may stop cleanly (stopped.json), which the report says."""
     try:
-        out, _ = runner.run(cfgmod.load_config(None, SMALL), tmp_path / "run", progress=False)
+        out, _ = runner.run(cfgmod.load_config(LG, SMALL), tmp_path / "run", progress=False)
     except TooManyFailures:
         out = tmp_path / "run"
         stopped = json.loads((out / "stopped.json").read_text())

@@ -15,6 +15,8 @@ import torch
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
 
+LG = "builtin:linear_gaussian_64"
+
 
 def job(tmp_path: Path, log: Path) -> Path:
     """A small linear-Gaussian job whose members take 30 ms each, evaluated one at a time, logging each run."""
@@ -63,12 +65,23 @@ def test_kill_after_a_committed_step_then_resume(tmp_path):
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    cfg = cfgmod.load_config(None, ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=6"])
+    cfg = cfgmod.load_config(LG, ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=6"])
     runner.run(cfg, tmp_path / "r", progress=False)
-    other = cfgmod.load_config(None, ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=6", "enkg.scale=1.0",
+    other = cfgmod.load_config(LG, ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=6", "enkg.scale=1.0",
                                       "seed=5", "execution.num_workers=7"])
     with pytest.raises(cfgmod.ConfigError, match=r"differs from the stored one in enkg.scale, seed$"):
         runner.run(other, tmp_path / "r", progress=False)
+
+
+def test_a_store_kept_outside_the_run_directory_is_resumed(tmp_path):
+    overrides = ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=6", f"store.path={tmp_path / 'far.zarr'}"]
+    cfg = cfgmod.load_config(LG, overrides)
+    _, first = runner.run(cfg, tmp_path / "r", progress=False)
+    assert first["resumed_from_step"] is None and not (tmp_path / "r" / "store.zarr").exists()
+    _, again = runner.resume(tmp_path / "r", progress=False)
+    assert again["resumed_from_step"] == 5 and again["forward_evaluations"] == 0
+    with pytest.raises(cfgmod.ConfigError, match="no store at"):
+        runner.resume(tmp_path / "elsewhere", progress=False)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ import sys
 
 from enkg_dist.cli import app
 
-app(["run", "--set", "problem.n=16", "--set", "enkg.ensemble_size={J}", "--set", "enkg.num_steps={STEPS}",
+app(["run", "builtin:linear_gaussian_64", "--set", "problem.n=16", "--set", "enkg.ensemble_size={J}", "--set", "enkg.num_steps={STEPS}",
      "--set", "execution.backend=ray", "--no-progress", "--run-dir", *sys.argv[1:]])
 '''
 # scripts/setup.sh installs from PyPI; the test prepares ~/enkg-dist/.venv itself and only checks it

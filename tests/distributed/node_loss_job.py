@@ -14,7 +14,7 @@ from enkg_dist import runner
 
 out = sys.argv[1]
 overrides = ["problem.n=16", "enkg.ensemble_size=12", "enkg.num_steps=12", "chaos={fail_rate: 0.0, delay: 0.1}"]
-local_dir, _ = runner.run(cfgmod.load_config(None, overrides), f"{out}/local", progress=False)
+local_dir, _ = runner.run(cfgmod.load_config("builtin:linear_gaussian_64", overrides), f"{out}/local", progress=False)
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 nodes = [cluster.add_node(num_cpus=2, resources={"sim": 1}) for _ in range(2)]
@@ -32,7 +32,7 @@ def remove_a_node():
 
 threading.Thread(target=remove_a_node, daemon=True).start()
 t0 = time.monotonic()
-cfg = cfgmod.load_config(None, overrides + ["execution.backend=ray", "execution.num_workers=2",
+cfg = cfgmod.load_config("builtin:linear_gaussian_64", overrides + ["execution.backend=ray", "execution.num_workers=2",
                                             "execution.worker_resources={sim: 1}"])
 ray_dir, metrics = runner.run(cfg, f"{out}/ray", progress=False, address=cluster.address)
 done = time.monotonic()

@@ -17,11 +17,12 @@ from enkg_dist.problems.linear_gaussian import SubsampleBlur
 pytestmark = pytest.mark.usefixtures("ray_session")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
 
+LG = "builtin:linear_gaussian_64"
 SMALL = ["problem.n=16", "enkg.ensemble_size=12", "enkg.num_steps=12", "output_dir=/tmp/unused"]
 
 
 def _ensemble(tmp_path, name, *overrides):
-    cfg = cfgmod.load_config(None, SMALL + list(overrides))
+    cfg = cfgmod.load_config(LG, SMALL + list(overrides))
     out, metrics = runner.run(cfg, tmp_path / name, progress=False)
     return torch.load(out / "ensemble.pt")["particles"], metrics
 
@@ -40,14 +41,14 @@ def _rows(J=24, n=8):
 
 
 def test_killed_worker_mid_step_is_replaced_and_the_result_unchanged():
-    G = ChaosForward(SubsampleBlur(8, 2), fail_rate=0.0, delay=0.05)
+    G = ChaosForward(SubsampleBlur(8, 2), fail_rate=0.0, delay=0.15)  # a step of ~1.2 s: the kill lands mid-step
     x = _rows()
-    clean = G(x)
+    clean = SubsampleBlur(8, 2)(x)
     pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=3, batch_size=2))
     try:
         assert torch.equal(pool.evaluate(x).psi, clean.psi)  # all workers up
         victim = pool.workers[0]
-        killer = threading.Timer(0.15, lambda: ray.kill(victim, no_restart=True))
+        killer = threading.Timer(0.3, lambda: ray.kill(victim, no_restart=True))
         killer.start()
         res = pool.evaluate(x)
         killer.join()
@@ -111,7 +112,7 @@ def test_stragglers_are_reissued_and_first_result_wins(tmp_path):
 
 
 def test_run_stops_cleanly_above_the_failure_threshold(tmp_path):
-    cfg = cfgmod.load_config(None, SMALL + ["execution.backend=ray", "chaos={fail_rate: 0.7, modes: [nan, raise]}"])
+    cfg = cfgmod.load_config(LG, SMALL + ["execution.backend=ray", "chaos={fail_rate: 0.7, modes: [nan, raise]}"])
     with pytest.raises(runner.TooManyFailures, match=r"members failed \(limit 50%\)"):
         runner.run(cfg, tmp_path / "stop", progress=False)
     assert (tmp_path / "stop" / "stopped.json").is_file() and (tmp_path / "stop" / "config.yaml").is_file()
@@ -120,7 +121,7 @@ def test_run_stops_cleanly_above_the_failure_threshold(tmp_path):
 def test_run_completes_with_ten_percent_failures(tmp_path):
     _, m = _ensemble(tmp_path, "chaos", "execution.backend=ray", "execution.timeout=2",
                      "chaos={fail_rate: 0.1, modes: [nan, raise, hang], hang_seconds: 30}")
-    cfg = cfgmod.load_config(None, SMALL)
+    cfg = cfgmod.load_config(LG, SMALL)
     assert m["failed_evaluations"] > 0
     assert m["forward_evaluations"] == runner.forward_budget(cfg)["forward_evaluations"]
 
@@ -132,9 +133,19 @@ def test_navier_stokes_on_ray_equals_in_process(tmp_path):
     for name, extra in [("local", []), ("ray1", ["execution.backend=ray", "execution.num_workers=1"]),
                         ("ray2", ["execution.backend=ray", "execution.num_workers=2"]),
                         ("ray3", ["execution.backend=ray", "execution.num_workers=3", "execution.batch_size=2"])]:
-        out, _ = runner.run(cfgmod.load_config(None, ns + extra), tmp_path / name, progress=False)
+        out, _ = runner.run(cfgmod.load_config(LG, ns + extra), tmp_path / name, progress=False)
         runs.append(torch.load(out / "ensemble.pt")["particles"])
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_learned_prior_on_prior_actors_equals_in_process(tmp_path):
+    job = ["problem={kind: navier_stokes, n: 32, k: 2, T: 0.25, spinup: 1.0}", "prior={kind: learned, device: cpu}",
+           "enkg.ensemble_size=6", "enkg.num_steps=5", "output_dir=/tmp/unused"]
+    runs = []
+    for name, extra in [("local", []), ("ray2", ["execution.backend=ray", "execution.num_workers=2"])]:
+        out, _ = runner.run(cfgmod.load_config(None, job + extra), tmp_path / name, progress=False)
+        runs.append(torch.load(out / "ensemble.pt")["particles"])
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_auto_batch_size_balances_dispatch_cost_and_load():
