@@ -5,8 +5,10 @@ autocast, eager and compiled, with the FLOP/s reached as a fraction of the GPU's
 torch.utils.flop_counter on one forward pass; H200 peaks by default: 989 TFLOP/s dense bf16, 495 TFLOP/s dense
 TF32, which cuDNN uses for float32 convolutions by default). One call = `LearnedPrior.denoise` on a float32 batch on
 the model's device; the time is the best of `--repeats`, each averaged over enough calls to last 0.2 s. Usage:
-    python benchmarks/bench_denoiser.py [--checkpoint prior.pt] [--batches 1,4,16,64,256] [--no-compile]
-Without --checkpoint: a randomly initialised UNet of the shipped size (32^2, 32 channels, mult 1,2,2, 1 block,
+    python benchmarks/bench_denoiser.py [--checkpoint builtin:ns32|prior.pt|none] [--batches 1,4,16,64,256]
+                                        [--no-compile]
+The default is the shipped prior (32^2, 16 channels). With --checkpoint none: a randomly initialised UNet sized by
+the options (default 32^2, 32 channels, mult 1,2,2, 1 block,
 attention at 8^2); its speed does not depend on the weights.
 """
 
@@ -54,8 +56,10 @@ def model_shape(model: EDMDenoiser) -> tuple[int, int, int]:
 
 
 def build(args) -> EDMDenoiser:
-    if args.checkpoint:
-        return LearnedPrior.from_checkpoint(args.checkpoint, device="cpu").model
+    if args.checkpoint != "none":
+        from enkg_dist.runner import checkpoint_path
+
+        return LearnedPrior.from_checkpoint(checkpoint_path(args.checkpoint), device="cpu").model
     mult = tuple(int(m) for m in args.channel_mult.split(","))
     cfg = UNetConfig(resolution=args.resolution, model_channels=args.model_channels, channel_mult=mult,
                      num_blocks=args.num_blocks,
@@ -82,7 +86,7 @@ def measure(model, device, precision, compile_, batches, repeats) -> tuple[dict[
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--checkpoint", default="builtin:ns32", help="a checkpoint, builtin:NAME, or none")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--model-channels", type=int, default=32)
     ap.add_argument("--channel-mult", default="1,2,2")

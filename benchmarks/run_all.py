@@ -9,10 +9,13 @@ RUNS = [
     ["bench_kalman.py", "--dtype", "float32"],
     ["bench_ns_solver.py"],
     ["bench_mpi_ns.py"],
-    ["bench_store.py", "--quick"],
+    ["bench_store.py", "--quick", "--step", "--workers", "32"],
     ["bench_ray_dispatch.py"],
     ["bench_enkg_step.py"],
+    ["bench_denoiser.py", "--threads", "1"],
     ["linear_gaussian_table.py", "--quick"],
+    ["prior_quality.py", "grf", "--steps", "300"],
+    ["bench_launch.py"],
 ]
 
 if __name__ == "__main__":
