@@ -57,9 +57,7 @@ def model_shape(model: EDMDenoiser) -> tuple[int, int, int]:
 
 def build(args) -> EDMDenoiser:
     if args.checkpoint != "none":
-        from enkg_dist.runner import checkpoint_path
-
-        return LearnedPrior.from_checkpoint(checkpoint_path(args.checkpoint), device="cpu").model
+        return LearnedPrior.from_checkpoint(args.checkpoint, device="cpu").model
     mult = tuple(int(m) for m in args.channel_mult.split(","))
     cfg = UNetConfig(resolution=args.resolution, model_channels=args.model_channels, channel_mult=mult,
                      num_blocks=args.num_blocks,

@@ -95,14 +95,13 @@ def grf(args) -> None:
 def samples(args) -> None:
     """(b) samples from the learned prior against held-out data, with the fitted Gaussian as baseline."""
     from enkg_dist.data import open_dataset
-    from enkg_dist.runner import checkpoint_path
     from enkg_dist.priors.learned import LearnedPrior
 
     torch.set_num_threads(args.threads)
     train_x = torch.from_numpy(np.asarray(open_dataset(args.data, "train"))).to(torch.float64)
     test_x = torch.from_numpy(np.asarray(open_dataset(args.data, "test"))).to(torch.float64)
     n = train_x.shape[-1]
-    learned = LearnedPrior.from_checkpoint(checkpoint_path(args.checkpoint), device="cpu", resolution=n)
+    learned = LearnedPrior.from_checkpoint(args.checkpoint, device="cpu", resolution=n)
     fitted = GaussianFieldPrior.fit(train_x, radial=True)
     S = test_x.shape[0]
     t0 = time.perf_counter()

@@ -17,6 +17,14 @@ RESAMPLE = 2  # redraw of a failed member
 OBS_NOISE = 3  # synthetic observation noise
 PERTURB = 4  # perturbed observations in stochastic EKI
 DATA = 5  # data-set generation
+TRAIN = 100  # prior training: batches, augmentation, sigma, noise, dropout (priors/training.py)
+VALIDATE = 101  # prior training: the fixed validation draws
+
+
+def torch_seeds(seed: int, purpose: int, *keys: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds for torch generators, keyed by (seed, purpose, *keys)."""
+    a, b = np.random.SeedSequence([int(seed), int(purpose), *map(int, keys)]).generate_state(2, np.uint64)
+    return int(a) >> 1, int(b) >> 1
 
 
 def member_generator(seed: int, purpose: int, member: int, *keys: int) -> np.random.Generator:

@@ -39,20 +39,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-BUILTIN_PRIORS = {"ns32": "ns32_prior.pt"}  # shipped checkpoints in enkg_dist/assets (README: how they were trained)
-
-
-def checkpoint_path(spec: str) -> Path:
-    """A checkpoint file from prior.checkpoint: a path, or builtin:NAME for a shipped one."""
-    if not spec.startswith("builtin:"):
-        return Path(spec).expanduser()
-    name = spec.split(":", 1)[1]
-    if name not in BUILTIN_PRIORS:
-        raise cfgmod.ConfigError(f"config error: prior.checkpoint: no builtin prior {name!r} (have: "
-                                 f"{', '.join(BUILTIN_PRIORS)})")
-    return Path(__file__).resolve().parent / "assets" / BUILTIN_PRIORS[name]
-
-
 def make_prior(pr, n: int, zero_mean_mode: bool = False):
     """The prior of a config on the n x n grid: a Gaussian field, or a learned denoiser loaded from its checkpoint."""
     if pr.kind == "gaussian":
@@ -64,7 +50,7 @@ def make_prior(pr, n: int, zero_mean_mode: bool = False):
     from enkg_dist.priors.learned import LearnedPrior
 
     try:
-        return LearnedPrior.from_checkpoint(checkpoint_path(pr.checkpoint), device=pr.device, precision=pr.dtype,
+        return LearnedPrior.from_checkpoint(pr.checkpoint, device=pr.device, precision=pr.dtype,
                                             compile=pr.compile, max_batch=pr.max_batch, resolution=n)
     except ValueError as e:
         raise cfgmod.ConfigError(f"config error: prior.checkpoint: {str(e).splitlines()[0]}") from None
@@ -140,7 +126,7 @@ def _build_external(p, pr) -> Built:
     if p.observation is not None:
         y = _load_npy(p.observation, "observation").reshape(-1)
     else:  # synthetic twin: truth from the prior, y = G(truth) + noise
-        if truth is None and pr.kind != "gaussian":
+        if truth is None and not hasattr(prior, "sample"):
             raise cfgmod.ConfigError("config error: problem.observation: a synthetic twin draws its truth from a "
                                      "Gaussian prior; with a learned prior give problem.observation or problem.truth")
         if truth is None:

@@ -167,6 +167,16 @@ def summary(arrays: Mapping) -> dict:
             for name, a in arrays.items()}
 
 
+def dataset_attributes(path) -> dict:
+    """The generator's parameters and split sizes stored with a data set (ValueError when `path` is none)."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise ValueError(f"{path}: not a Zarr data set") from None
+
+
 def open_dataset(path, split: str = "train", committed: bool = True) -> np.ndarray:
     """A split as a numpy array (S, 1, n, n); only its committed samples (`done`) unless committed=False."""
     import zarr

@@ -60,8 +60,9 @@ class PoolStats:
     redispatched: int = 0
     reissued: int = 0
     timeouts: int = 0
-    task_seconds: list[float] = field(default_factory=list)
-    member_seconds: list[float] = field(default_factory=list)  # task time / members in the task
+    # recent timings only (a run of days must not grow them without bound)
+    task_seconds: deque = field(default_factory=lambda: deque(maxlen=100))
+    member_seconds: deque = field(default_factory=lambda: deque(maxlen=1000))  # task time / members in the task
     batch_sizes: list[int] = field(default_factory=list)  # members per task used by each evaluate call
 
 
@@ -147,7 +148,7 @@ class WorkerPool:
             return self.options.batch_size
         if self.options.timeout is not None:
             return 1  # a timeout fails its whole task: one member per task, so a hang costs only that member
-        recent = self.stats.member_seconds[-1000:]
+        recent = self.stats.member_seconds
         return auto_batch_size(J, len(self.workers), statistics.median(recent) if recent else None)
 
     def _worker_started(self, ref) -> int | None:
@@ -296,7 +297,7 @@ class _Dispatch:
                 self.replace(w, actor, kill=True)  # the stuck worker; its queued tasks go back to the queue
         free = [w for w in self.ready_workers if not self.lanes[w]]
         if o.straggler_factor and free and len(self.pool.stats.task_seconds) >= 3 and not self.queue:
-            median = statistics.median(self.pool.stats.task_seconds[-100:])
+            median = statistics.median(self.pool.stats.task_seconds)
             for ref, (task, w, actor, t0) in list(self.inflight.items()):
                 if free and task.id not in self.done and task.copies == 0 and now - t0 > o.straggler_factor * median:
                     task.copies += 1

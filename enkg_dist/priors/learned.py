@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,17 @@ from enkg_dist.priors.checkpoint import load_denoiser
 from enkg_dist.priors.unet import EDMDenoiser
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
+BUILTIN = {"ns32": "ns32_prior.pt"}  # shipped checkpoints in enkg_dist/assets (README: how they were trained)
+
+
+def checkpoint_path(spec: str) -> Path:
+    """A checkpoint file from a path, or from builtin:NAME for a shipped one."""
+    if not spec.startswith("builtin:"):
+        return Path(spec).expanduser()
+    name = spec.split(":", 1)[1]
+    if name not in BUILTIN:
+        raise ValueError(f"no builtin prior {name!r} (have: {', '.join(BUILTIN)})")
+    return Path(__file__).resolve().parents[1] / "assets" / BUILTIN[name]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -66,8 +78,9 @@ class LearnedPrior:
     @classmethod
     def from_checkpoint(cls, path, device="auto", precision: str = "float32", compile: bool = False,
                         max_batch: int = 256, resolution: int | None = None) -> LearnedPrior:
-        """Load a checkpoint (EMA weights when present); `resolution` refuses one made for another grid."""
-        model, meta = load_denoiser(path, resolution)
+        """Load a checkpoint (a path or builtin:NAME; EMA weights when present); `resolution` refuses one made for
+        another grid."""
+        model, meta = load_denoiser(checkpoint_path(str(path)), resolution)
         return cls(model, device, precision, compile, max_batch, meta)
 
     @property

@@ -30,11 +30,11 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from enkg_dist import rng
 from enkg_dist.priors.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from enkg_dist.priors.learned import resolve_device
 from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
 
-TRAIN_STREAM, VAL_STREAM = 100, 101  # purposes of the training and validation random streams
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
 # keys that may change on resume (they do not change the weights, or only their rounding)
 RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "device", "threads"}
@@ -108,12 +108,6 @@ def resolve_model(cfg: TrainConfig, data: torch.Tensor) -> UNetConfig:
         raise config_error(e) from None
 
 
-def stream_seeds(seed: int, purpose: int, *keys: int) -> tuple[int, int]:
-    """Two independent 63-bit seeds keyed by (seed, purpose, *keys)."""
-    a, b = np.random.SeedSequence([seed, purpose, *keys]).generate_state(2, np.uint64)
-    return int(a) >> 1, int(b) >> 1
-
-
 def kolmogorov_transform(x: torch.Tensor, a: torch.Tensor, k: torch.Tensor, r: torch.Tensor, forcing_wavenumber: int):
     """g·x for g = T_a S^k R^r per member: x'[i, j] = (−1)^k x[ex (i − a), ey (j − k q)] (indices mod n),
     q = n/(2 k_f), ey = (−1)^r, ex = (−1)^(k+r); i along x, j along y (the forcing's axis, the last one)."""
@@ -160,7 +154,7 @@ def ema_beta(step: int, cfg: TrainConfig) -> float:
 
 def validation_set(val: torch.Tensor, cfg: TrainConfig) -> dict[float, tuple]:
     """Per band centre c: (x0, σ, noise) with σ = c·10^u, u ~ U(−½, ½), fixed by the seed."""
-    gen = torch.Generator().manual_seed(stream_seeds(cfg.seed, VAL_STREAM)[0])
+    gen = torch.Generator().manual_seed(rng.torch_seeds(cfg.seed, rng.VALIDATE)[0])
     x0 = val.repeat_interleave(cfg.val_draws, dim=0)
     out = {}
     for c in cfg.val_bands:
@@ -285,7 +279,7 @@ def train(cfg: TrainConfig, data: torch.Tensor, out_dir, val: torch.Tensor | Non
 
 def _train_step(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device):
     """One optimizer step on this rank's batch, from the (seed, rank, step) stream; returns (loss, grad norm)."""
-    s_data, s_drop = stream_seeds(cfg.seed, TRAIN_STREAM, rank, run.step)
+    s_data, s_drop = rng.torch_seeds(cfg.seed, rng.TRAIN, rank, run.step)
     gen = torch.Generator(device).manual_seed(s_data)
     torch.manual_seed(s_drop)  # dropout draws from the global generator
     x0 = data[torch.randint(data.shape[0], (cfg.batch_size // world,), generator=gen, device=device)]
@@ -380,19 +374,11 @@ def _all_mean(value: float, world: int, device) -> float:
     return float(t) / world
 
 
-def read_zarr_attributes(path) -> dict:
-    """The group attributes of a Zarr v3 data set (its zarr.json document), without importing zarr."""
-    doc = Path(path) / "zarr.json"
-    return json.loads(doc.read_text()).get("attributes", {}) if doc.is_file() else {}
-
-
 def train_prior(data_path, out_dir, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train on the train split of an NS Zarr data set (`enkg-dist generate-data`), validating on its val split."""
-    from enkg_dist.data.generate import open_dataset
+    from enkg_dist.data.generate import dataset_attributes, open_dataset
 
-    if not (Path(data_path) / "zarr.json").is_file():
-        raise ValueError(f"{data_path}: not a Zarr data set (no zarr.json)")
-    attrs = read_zarr_attributes(data_path)
+    attrs = dataset_attributes(data_path)
     kf = attrs.get("forcing_wavenumber")
     if cfg.augment == "kolmogorov" and kf is not None and int(kf) != cfg.forcing_wavenumber:
         raise ValueError(f"data forcing wavenumber {kf} differs from forcing_wavenumber {cfg.forcing_wavenumber}")

@@ -29,7 +29,7 @@ def test_builtin_checkpoint_loads_with_its_config():
     with pytest.raises(cfgmod.ConfigError, match="prior.checkpoint"):
         runner.make_prior(cfgmod.LearnedPrior(device="cpu"), 64)  # made for 32x32
     with pytest.raises(cfgmod.ConfigError, match="no builtin prior 'ns128'"):
-        runner.checkpoint_path("builtin:ns128")
+        runner.make_prior(cfgmod.LearnedPrior(checkpoint="builtin:ns128", device="cpu"), 32)
 
 
 @pytest.mark.slow
