@@ -191,6 +191,9 @@ class StoreSettings(_Model):
     path: str | None = Field(None, description="store location (dir or fsspec URL); null: RUN_DIR/store.zarr")
     full_every: int = Field(10, ge=1, description="keep the full ensemble every n-th step and the last (mean/std "
                             "every step; resume always has the latest)")
+    checkpoint_every: int = Field(1, ge=1, description="write the full ensemble for resume every n-th step (and "
+                                  "every kept one); a resume replays the steps since from the recorded forward "
+                                  "outputs, without running the simulator")
     max_pending: int = Field(2, ge=1, description="steps queued for the background writer")
 
 
@@ -231,9 +234,9 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [m for a in args for m in _models_in(a)]
 
 
-def _resolve(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+def _resolve(loc: tuple, root: type[BaseModel]) -> tuple[list[str], type[BaseModel] | None]:
     """Walk an error location: the user's key path (without union tags) and the model owning its last key."""
-    keys, owner, pending = [], RunConfig, None
+    keys, owner, pending = [], root, None
     for part in loc:
         if owner is not None and "kind" in owner.model_fields and owner.model_fields["kind"].default == part:
             continue  # the tag of a one-member union
@@ -249,17 +252,18 @@ def _resolve(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
     return keys, owner
 
 
-def _one_line(exc: ValidationError) -> str:
-    """First error of a ValidationError as 'config error: a.b: message (allowed: ...)'."""
+def one_line_error(exc: ValidationError, root: type[BaseModel] | None = None, what: str = "config error") -> str:
+    """First error of a ValidationError of model `root` (RunConfig) as 'config error: a.b: message (allowed: ...)'."""
+    root = root or RunConfig
     err = exc.errors()[0]
-    keys, _ = _resolve(err["loc"])
+    keys, _ = _resolve(err["loc"], root)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        _, owner = _resolve(err["loc"][:-1])
+        _, owner = _resolve(err["loc"][:-1], root)
         allowed = ", ".join(owner.model_fields) if owner is not None else "?"
         msg = f"unknown key (allowed: {allowed})"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"config error: {'.'.join(keys) or '<root>'}: {msg}{more}"
+    return f"{what}: {'.'.join(keys) or '<root>'}: {msg}{more}"
 
 
 def parse_value(text: str) -> Any:
@@ -310,7 +314,7 @@ def validate(data: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line_error(e)) from None
 
 
 def builtin_jobs() -> list[str]:

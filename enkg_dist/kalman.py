@@ -58,6 +58,25 @@ def _check(x: torch.Tensor, psi: torch.Tensor, y: torch.Tensor) -> None:
         raise EnsembleCollapseError(f"an ensemble needs at least 2 members, got {x.shape[0]}")
 
 
+def _taking_part(x, psi, y, ok):
+    """(index of the ok members, or None for all; their x; their psi) after the shape and finiteness checks."""
+    _check(x, psi, y)
+    idx = _ok_index(ok, x.shape[0])
+    xs, ps = (x, psi) if idx is None else (x[idx], psi[idx])
+    if not bool(torch.isfinite(ps).all()):
+        raise ValueError("non-finite forward outputs among members marked ok; mark them failed instead")
+    return idx, xs, ps
+
+
+def _put_back(x: torch.Tensor, idx, X_new: torch.Tensor) -> torch.Tensor:
+    """x with the members that took part replaced by their update (failed members unchanged)."""
+    if idx is None:
+        return X_new
+    out = x.clone()
+    out[idx] = X_new
+    return out
+
+
 def enkg_update(
     x: torch.Tensor,
     psi: torch.Tensor,
@@ -77,12 +96,7 @@ def enkg_update(
     """
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}; allowed: {', '.join(STEP_RULES)}")
-    _check(x, psi, y)
-    J = x.shape[0]
-    idx = _ok_index(ok, J)
-    xs, ps = (x, psi) if idx is None else (x[idx], psi[idx])
-    if not bool(torch.isfinite(ps).all()):
-        raise ValueError("non-finite forward outputs among members marked ok; mark them failed instead")
+    idx, xs, ps = _taking_part(x, psi, y, ok)
     n = xs.shape[0]
     X = xs.reshape(n, -1)
     R = Gamma.whiten(ps - y)  # whitened residuals (n, m)
@@ -104,11 +118,7 @@ def enkg_update(
     delta = A @ anomalies(X)
     X_new = (X - w * delta).reshape(xs.shape)
     info = UpdateInfo(w, norm_A, trace_Cpp, norm_Cpp, n, float((R**2).sum(1).mean()) / R.shape[1], guarded)
-    if idx is None:
-        return X_new, info
-    out = x.clone()
-    out[idx] = X_new
-    return out, info
+    return _put_back(x, idx, X_new), info
 
 
 def eki_update(
@@ -125,16 +135,10 @@ def eki_update(
     J x J form by Woodbury: Delta X = -R~ P~^T (J/dt I + P~ P~^T)^{-1} (X - mean X), with Gamma-whitened residuals
     R~ and anomalies P~; `perturbation` eta (J, m) gives the stochastic variant (pass it already coloured by Gamma/dt).
     """
-    _check(x, psi, y)
-    J = x.shape[0]
-    idx = _ok_index(ok, J)
-    sel = (lambda a: a) if idx is None else (lambda a: a[idx])
-    xs, ps = sel(x), sel(psi)
-    if not bool(torch.isfinite(ps).all()):
-        raise ValueError("non-finite forward outputs among members marked ok; mark them failed instead")
+    idx, xs, ps = _taking_part(x, psi, y, ok)
     n = xs.shape[0]
     X = xs.reshape(n, -1)
-    target = y if perturbation is None else y + sel(perturbation)
+    target = y if perturbation is None else y + (perturbation if idx is None else perturbation[idx])
     R = Gamma.whiten(ps - target)
     P = Gamma.whiten(anomalies(ps))
     S = P @ P.T
@@ -143,11 +147,7 @@ def eki_update(
     X_new = (X - coef @ anomalies(X)).reshape(xs.shape)
     info = UpdateInfo(1.0, float(torch.linalg.matrix_norm(coef)), float(torch.diagonal(S).sum()) / n,
                       float(torch.linalg.matrix_norm(S)) / n, n, float((R**2).sum(1).mean()) / R.shape[1], False)
-    if idx is None:
-        return X_new, info
-    out = x.clone()
-    out[idx] = X_new
-    return out, info
+    return _put_back(x, idx, X_new), info
 
 
 def resample_failed(x: torch.Tensor, ok: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ crashed driver had already finished (ClimaCalibrate.jl-style per-member markers)
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,15 +23,28 @@ class RecordingEvaluator(Evaluator):
     step: int = -1
     k: int = 0
     skipped: int = 0
-    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=4))
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "run-store-recorder"))
     _pending: list[Future] = field(default_factory=list)
+    _arrived: list = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def begin_step(self, i: int, skip_done: bool = False) -> None:
         self.step, self.k, self.skip_done = i, 0, skip_done
 
     def _record(self, k: int, rows, psi, ok, reasons) -> None:
-        self._pending.append(self._pool.submit(self.store.record_members, self.step, k, list(rows), np.array(psi),
-                                               np.array(ok), list(reasons)))
+        with self._lock:
+            self._arrived.append((self.step, k, np.asarray(rows), np.array(psi), np.array(ok), list(reasons)))
+        self._pending.append(self._pool.submit(self._write_arrived))
+
+    def _write_arrived(self) -> None:
+        """Recorder thread: everything that arrived since its last write, in one store call per correction."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        for step, k in dict.fromkeys((a[0], a[1]) for a in arrived):
+            parts = [a for a in arrived if (a[0], a[1]) == (step, k)]
+            self.store.record_members(step, k, np.concatenate([a[2] for a in parts]),
+                                      np.concatenate([a[3] for a in parts]), np.concatenate([a[4] for a in parts]),
+                                      [r for a in parts for r in a[5]])
 
     def wait_records(self) -> None:
         """Block until every member record of this step is written (called before the step commits)."""
@@ -52,7 +66,8 @@ class RecordingEvaluator(Evaluator):
         if todo:
             idx = np.array(todo)
             self.n_evals += len(todo)
-            res = self.forward(x_hat[idx], on_result=lambda rows, p, o, r: self._record(k, idx[rows], p, o, r))
+            with self.store.write_window():  # the previous step's commit is written while the simulators run
+                res = self.forward(x_hat[idx], on_result=lambda rows, p, o, r: self._record(k, idx[rows], p, o, r))
             psi[idx], ok[idx] = res.psi.to(x_hat.dtype), res.ok
             for j, r in zip(todo, res.reasons):
                 reasons[j] = r

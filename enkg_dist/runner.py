@@ -196,7 +196,8 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
 
     path = cfg.store.path or str(out / STORE_NAME)
     if resuming:
-        store = RunStore.open(path, "a", on_damage="fallback", max_pending=cfg.store.max_pending)
+        store = RunStore.open(path, "a", on_damage="fallback", max_pending=cfg.store.max_pending, defer_writes=True,
+                              checkpoint_every=cfg.store.checkpoint_every)
         diff = store.config_diff(cfg.model_dump(mode="json"))
         if diff:
             store.close()
@@ -207,7 +208,8 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
     return RunStore.create(path, config=cfg.model_dump(mode="json"), config_yaml=cfgmod.dump(cfg), J=J,
                            state_shape=built.problem.forward.state_shape, obs_size=built.problem.forward.obs_size,
                            num_steps=steps, num_corrections=K, dtype=cfg.dtype, full_every=cfg.store.full_every,
-                           max_pending=cfg.store.max_pending)
+                           max_pending=cfg.store.max_pending, defer_writes=True,
+                           checkpoint_every=cfg.store.checkpoint_every)
 
 
 def forward_budget(cfg: cfgmod.RunConfig) -> dict:
@@ -334,7 +336,7 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
         t_run = time.perf_counter()
         for i in range(start, scfg.num_steps):
             t_step = time.perf_counter()
-            evaluator.begin_step(i, skip_done=(i == start))
+            evaluator.begin_step(i, skip_done=(i <= store.records_until))  # replayed from the records
             rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas)
             x = rec.x
             infos = [c.info for c in rec.corrections]
@@ -357,7 +359,7 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
         for n in range(start, k.iterations):
             t_step = time.perf_counter()
-            evaluator.begin_step(n, skip_done=(n == start))
+            evaluator.begin_step(n, skip_done=(n <= store.records_until))
             x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik)
             _commit(store, evaluator, n, x, float("nan"), [info], t_step)
             bar.update(1)

@@ -13,27 +13,37 @@ Chunking: a step's data never share a chunk with another step's, so writing step
 `particles` (and the resume slots) are chunked (1, Jc, *state) with Jc members making about 4 MiB: the writer puts
 a step in a few large files, a reader gets one member by decoding one 4 MiB chunk, one step by reading J/Jc files.
 (Measured here: a shard per step with one inner chunk per member writes 3-5x slower than plain 4 MiB chunks, and
-zstd does not shrink float ensembles (6 %) but halves the write rate, so particles carry only a checksum.)
-`psi`, `status` and `reason` have one chunk per member, so concurrent writers (driver threads, worker processes)
-never share a chunk. Small per-step arrays have one chunk per step. Every chunk carries a CRC32C checksum, so a
-flipped byte fails to decode.
+zstd does not shrink float ensembles (6 %) but halves the write rate, so particles and psi carry only a checksum.)
+`psi`, `status` and `reason` are chunked in member blocks of B members (B rows of psi make about 256 KiB): the
+driver's one recorder writes whatever arrived since its last write as one chunk per touched block (a chunk per
+member made each record cost two file writes: 3 s of a step's time at J = 1024 arriving within a second). The
+recorder keeps the blocks of the correction being recorded in memory and rewrites a block whole, psi first and
+the status marker last. Small per-step arrays have one chunk per step. Every chunk carries a CRC32C checksum, so a
+flipped byte fails to decode; a damaged member block counts as not done and is run again.
 
 Step axis: its length `num_steps` is fixed at creation. Unwritten chunks cost nothing, and no array metadata is
 rewritten while a run goes on (appending would rewrite each array's zarr.json every step: one more mutable file a
 crash can leave ahead of the commit marker, and a race for concurrent writers).
 
 Commit protocol: `commit_step` queues the step; a background writer writes all of its chunks, then the commit
-marker `committed_step` (root attributes, one atomic file) last. Readers and resumes trust only steps <= the marker.
-With `full_every > 1`, the ensemble of a step that is not kept goes to the resume slot the marker does not point
-at; `resume/step[slot]` is set to -1 before and to the step after that write, so a slot is trusted for step s
-only when its stamp says s. LocalStore writes each file atomically but never fsyncs: this survives a killed
-process (SIGKILL, OOM, preemption), not the loss of the machine holding the disk before the page cache is flushed.
+marker (root attributes, one atomic file: `committed_step`, `ensemble_step`, `resume_slot`, `recorded_step`) last.
+Readers and resumes trust only steps <= `committed_step`. With `defer_writes`, the writer starts a queued step only
+inside a `write_window()` (the runner opens one around the forward evaluations, when the driver's cores are free),
+when the queue is full, or on flush/close. The ensemble of a kept step goes to `particles`; with `full_every > 1`,
+that of every `checkpoint_every`-th other step goes to the resume slot the marker does not point at;
+`resume/step[slot]` is set to -1 before and to the step after that write, so a slot is trusted for step s only
+when its stamp says s. Other steps write no ensemble (mean, std and the member records only): opening the store
+for a resume moves the marker back to `ensemble_step`, and the runner replays the steps since from the recorded
+forward outputs (`records_until`), with no simulator run and the same result bit for bit. LocalStore writes each
+file atomically but never fsyncs: this survives a killed process (SIGKILL, OOM, preemption), not the loss of the
+machine holding the disk before the page cache is flushed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import importlib.metadata
 import itertools
 import json
@@ -60,11 +70,13 @@ DEFAULT_IGNORE = (
     "execution.backend", "execution.address", "execution.num_workers", "execution.worker_cpus",
     "execution.worker_gpus", "execution.worker_resources", "execution.batch_size", "execution.prior_actors",
     "execution.prior_gpus", "execution.num_cpus", "execution.dashboard", "store.max_pending",
+    "store.checkpoint_every",
 )
 _KEYS = {"name": "default", "separator": "/"}
 _CODECS = [ZstdCodec(level=1), Crc32cCodec()]
 _CHECKSUM_ONLY = [Crc32cCodec()]
 _CHUNK_BYTES = 4 * 2**20
+_RECORD_BYTES = 256 * 2**10  # psi rows of one member block
 _WRITE_ALL = {"write_empty_chunks": True}  # a NaN row of psi must still leave a chunk behind
 
 
@@ -130,18 +142,32 @@ def _json(obj):
 class RunStore:
     """A run's Zarr store: create or open, record member outputs, commit steps in the background, resume."""
 
-    def __init__(self, root: zarr.Group, path: str, mode: str, max_pending: int = 2):
+    def __init__(self, root: zarr.Group, path: str, mode: str, max_pending: int = 2, defer_writes: bool = False,
+                 checkpoint_every: int = 1):
         self._root, self.path, self.mode = root, path, mode
         self._a = {name: root[name] for name in ("particles", "mean", "std", "psi", "status", "reason", "misfit",
                                                   "weight", "sigma", "timings", "resume/particles", "resume/step")}
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        # with defer_writes, a queued step is written only inside a write_window() (while forward evaluations
+        # run, so the writer does not compete with the denoiser for the driver's cores), when the queue is full,
+        # or on flush/close
+        self._defer, self._in_window, self._hurry = defer_writes, 0, 0
+        self._gate = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: WriterError | None = None
         self._closed = False
         self._intact: int | None = None
+        self._record_lock = threading.Lock()
+        self._blocks_of: tuple[int, int] | None = None  # the (step, k) whose member blocks are cached
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.damage: str | None = None  # the integrity problem found on open, if any
         self._marker = self._read_marker()
         self._next_step = self._marker["committed_step"] + 1
+        if checkpoint_every < 1:
+            raise ValueError("run store: checkpoint_every must be >= 1")
+        self.checkpoint_every = checkpoint_every
+        # steps up to here may hold member records of an earlier process: a resume replays them from the records
+        self.records_until = min(self._marker["recorded_step"] + 1, self.num_steps - 1)
 
     # ---- creating and opening
 
@@ -149,8 +175,8 @@ class RunStore:
     def create(cls, path, *, config: dict, config_yaml: str, J: int, state_shape: Sequence[int], obs_size: int,
                num_steps: int, num_corrections: int, dtype: str = "float64", full_every: int = 1,
                meta: dict | None = None, timing_fields: Sequence[str] = TIMING_FIELDS,
-               state_dims: Sequence[str] | None = None, max_pending: int = 2,
-               storage_options: dict | None = None) -> RunStore:
+               state_dims: Sequence[str] | None = None, max_pending: int = 2, defer_writes: bool = False,
+               checkpoint_every: int = 1, storage_options: dict | None = None) -> RunStore:
         """A new store at `path` (directory or fsspec URL); refuses to overwrite an existing store."""
         state_shape = tuple(int(n) for n in state_shape)
         if state_dims is None:
@@ -162,7 +188,8 @@ class RunStore:
                  "versions": _versions(), "meta": _json(meta or {}), "created": _now(),
                  "J": int(J), "state_shape": list(state_shape), "obs_size": int(obs_size),
                  "num_steps": int(num_steps), "num_corrections": int(num_corrections), "full_every": int(full_every),
-                 "timing_fields": list(timing_fields), "committed_step": -1, "resume_slot": None}
+                 "timing_fields": list(timing_fields), "committed_step": -1, "resume_slot": None, "ensemble_step": -1,
+                 "recorded_step": -1}
         try:
             root = zarr.open_group(path, mode="w-", attributes=attrs, storage_options=storage_options)
         except FileExistsError:
@@ -170,11 +197,13 @@ class RunStore:
                              "directory") from None
         _create_arrays(root, J, state_shape, tuple(state_dims), obs_size, num_steps, max(num_corrections, 1),
                        len(timing_fields), dtype)
-        return cls(root, str(path), "a", max_pending)
+        store = cls(root, str(path), "a", max_pending, defer_writes, checkpoint_every)
+        store.records_until = -1  # a new store holds no records
+        return store
 
     @classmethod
     def open(cls, path, mode: str = "r", *, verify: bool = True, on_damage: str = "raise", max_pending: int = 2,
-             storage_options: dict | None = None) -> RunStore:
+             defer_writes: bool = False, checkpoint_every: int = 1, storage_options: dict | None = None) -> RunStore:
         """Open a store; with `verify`, check that the last committed step's resume data are present and decode.
 
         on_damage="raise" raises StoreIntegrityError naming the array and step; "fallback" warns, and in mode "a"
@@ -190,7 +219,7 @@ class RunStore:
         if version != FORMAT_VERSION:
             raise StoreError(f"run store {path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
         try:
-            store = cls(root, str(path), mode, max_pending)
+            store = cls(root, str(path), mode, max_pending, defer_writes, checkpoint_every)
         except KeyError as e:
             raise StoreError(f"run store {path}: array {e} is missing") from None
         if verify:
@@ -198,10 +227,13 @@ class RunStore:
         return store
 
     def _verify(self, on_damage: str) -> None:
-        t = self.committed_step
-        problem = self.check_step(t) if t >= 0 else None
+        """Check the newest ensemble; in mode "a", move the marker back to it (the steps after it are replayed)."""
+        s = self._marker["ensemble_step"]
+        problem = self.check_step(s) if s >= 0 else None
         if problem is None:
-            self._intact = t
+            self._intact = s
+            if self.mode == "a" and s < self.committed_step:
+                self._rollback(s)
             return
         self.damage = problem[0]
         if on_damage == "raise":
@@ -220,7 +252,7 @@ class RunStore:
                     stamps[slot] = -1
             except Exception:  # a damaged stamp: the slot is untrusted anyway
                 stamps[slot] = -1
-        self._write_marker(step, self._slot_of(step))
+        self._write_marker(step, self._slot_of(step), step)
         self._next_step = step + 1
 
     # ---- properties
@@ -266,6 +298,10 @@ class RunStore:
         """Whether `particles` keeps this step's full ensemble (retention policy)."""
         return (step + 1) % self.full_every == 0 or step == self.num_steps - 1
 
+    def is_checkpoint(self, step: int) -> bool:
+        """Whether committing this step writes its full ensemble (kept, or a resume slot every checkpoint_every)."""
+        return self.is_kept(step) or (step + 1) % self.checkpoint_every == 0
+
     def kept_steps(self) -> list[int]:
         return [s for s in range(self.num_steps) if self.is_kept(s)]
 
@@ -282,82 +318,97 @@ class RunStore:
     # ---- per-member recording
 
     def record_member(self, step: int, k: int, j: int, psi_j, ok: bool, reason: str | None = None) -> None:
-        """Write member j's forward output of correction k now: psi first, the status marker last."""
-        self._check_writable(step)
-        self._a["psi"][step, k, j] = _to_numpy(psi_j)
-        if reason:
-            self._a["reason"][step, k, j] = str(reason)
-        self._a["status"][step, k, j] = OK if ok else FAILED
+        """Write member j's forward output of correction k now (see `record_members`)."""
+        self.record_members(step, k, [j], np.asarray(_to_numpy(psi_j))[None], [ok], [reason])
 
     def record_members(self, step: int, k: int, members, psi, ok, reasons=None) -> None:
-        """Write several members' outputs now, in bulk (one zarr call per array): all psi first, the status last."""
+        """Write several members' outputs of correction k now, one member block at a time: psi, then the failure
+        reasons, the status marker last (a crash in between leaves those members not done, so they run again)."""
         self._check_writable(step)
         idx = np.asarray(members, dtype=np.int64).reshape(-1)
-        psi, ok = _to_numpy(psi), _to_numpy(ok).astype(bool).reshape(-1)
         if len(idx) == 0:
             return
-        self._a["psi"].set_orthogonal_selection((step, k, idx), psi)
-        bad = [(int(j), str(r)) for j, r in zip(idx, reasons or [None] * len(idx)) if r]
-        if bad:
-            self._a["reason"].set_orthogonal_selection((step, k, np.array([j for j, _ in bad])),
-                                                       np.array([r for _, r in bad], dtype=object))
-        self._a["status"].set_orthogonal_selection((step, k, idx), np.where(ok, OK, FAILED).astype(np.int8))
+        psi = _to_numpy(psi, copy=False).reshape(len(idx), -1)
+        ok = _to_numpy(ok, copy=False).astype(bool).reshape(-1)
+        reasons = list(reasons) if reasons is not None else [None] * len(idx)
+        if psi.shape[1] != self._a["psi"].shape[-1] or len(ok) != len(idx) or len(reasons) != len(idx):
+            raise ValueError(f"run store: {len(idx)} members but psi {psi.shape}, {len(ok)} ok flags and "
+                             f"{len(reasons)} reasons (obs size {self._a['psi'].shape[-1]})")
+        if idx.min() < 0 or idx.max() >= self.J:
+            raise ValueError(f"run store: members outside 0..{self.J - 1}")
+        finite = np.isfinite(psi).all(axis=1)  # a non-finite output is a failure, as the evaluator counts it
+        reasons = [r or (None if f or not o else "non-finite forward output") for r, f, o in zip(reasons, finite, ok)]
+        ok = ok & finite
+        B = self._a["status"].chunks[2]
+        with self._record_lock:
+            blocks = {int(b): np.flatnonzero(idx // B == b) for b in np.unique(idx // B)}
+            rows = {b: self._cached_block(step, k, b) for b in blocks}
+            for b, sel in blocks.items():
+                rows[b][0][idx[sel] - b * B], rows[b][1][idx[sel] - b * B] = psi[sel], np.where(ok[sel], OK, FAILED)
+            self._write_blocks("psi", step, k, {b: r[0] for b, r in rows.items()})
+            failed = {b: [(int(i) - b * B, reasons[n]) for n, i in zip(sel, idx[sel]) if reasons[n]]
+                      for b, sel in blocks.items()}
+            if any(failed.values()):
+                self._write_blocks("reason", step, k, {b: self._reason_block(step, k, b, f)
+                                                       for b, f in failed.items() if f})
+            self._write_blocks("status", step, k, {b: r[1] for b, r in rows.items()})
 
-    def record_correction(self, step: int, k: int, psi, ok, reasons: Mapping[int, str] | None = None) -> None:
-        """Queue all J outputs of correction k for the background writer (psi of all members before any status)."""
-        self._check_writable(step)
-        psi, ok = _to_numpy(psi), _to_numpy(ok).astype(bool).reshape(-1)
-        if psi.shape != (self.J, self._a["psi"].shape[-1]) or ok.shape != (self.J,):
-            raise ValueError(f"run store: psi {psi.shape} / ok {ok.shape} do not match "
-                             f"({self.J}, {self._a['psi'].shape[-1]}) / ({self.J},)")
-        self._submit(step, lambda: self._write_correction(step, k, psi, ok, dict(reasons or {})))
+    def _cached_block(self, step: int, k: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(psi rows, status) of member block b of (step, k): kept in memory while (step, k) records, read once."""
+        if self._blocks_of != (step, k):
+            self._blocks_of, self._blocks = (step, k), {}
+        if b not in self._blocks:
+            P, S = self._a["psi"], self._a["status"]
+            try:
+                self._blocks[b] = (P.blocks[step, k, b][0, 0], S.blocks[step, k, b][0, 0])
+            except Exception:  # a damaged block was not counted as done on resume: all its members run again
+                size = min(S.chunks[2], self.J - b * S.chunks[2])
+                self._blocks[b] = (np.full((size, P.shape[-1]), P.fill_value, dtype=P.dtype),
+                                   np.full(size, NOT_RUN, dtype=np.int8))
+        return self._blocks[b]
 
-    def _write_correction(self, step, k, psi, ok, reasons) -> None:
-        self._a["psi"][step, k] = psi
-        for j, why in reasons.items():
-            self._a["reason"][step, k, j] = str(why)
-        self._a["status"][step, k] = np.where(ok, OK, FAILED).astype(np.int8)
+    def _reason_block(self, step: int, k: int, b: int, failed: list[tuple[int, str]]) -> np.ndarray:
+        R = self._a["reason"]
+        try:
+            block = R.blocks[step, k, b][0, 0]
+        except Exception:
+            block = np.full(min(R.chunks[2], self.J - b * R.chunks[2]), "", dtype=object)
+        for r, why in failed:
+            block[r] = str(why)
+        return block
+
+    def _write_blocks(self, name: str, step: int, k: int, blocks: dict[int, np.ndarray]) -> None:
+        """Whole member blocks of one array, written concurrently (each is one chunk: no read-modify-write)."""
+        arr = self._a[name]
+        B = arr.chunks[2]
+        jobs = [arr.async_array.setitem((step, k, slice(b * B, b * B + len(v))), v) for b, v in blocks.items()]
+
+        async def gather():
+            await asyncio.gather(*jobs)
+
+        sync(gather())
 
     def completed_members(self, step: int, k: int) -> dict[int, tuple[np.ndarray, bool, str | None]]:
         """Members of (step, k) whose psi and status marker were both written and decode: j -> (psi_j, ok, reason)."""
         self._raise_writer_error()
-        done = self._listed(self._a["status"], step, k) & self._listed(self._a["psi"], step, k)
-        if not done:
-            return {}
-        status = self._rows(self._a["status"], step, k, done)
-        psi = self._rows(self._a["psi"], step, k, {j for j in done if status.get(j, NOT_RUN) != NOT_RUN})
-        out = {}
-        for j in sorted(psi):
-            failed = status[j] == FAILED
-            reason = (str(self._a["reason"][step, k, j]) or None) if failed else None
-            out[j] = (psi[j], not failed, reason)
+        P, S, R = self._a["psi"], self._a["status"], self._a["reason"]
+        B, out = S.chunks[2], {}
+        for b in range(S.cdata_shape[2]):
+            key = (step, k, b)
+            try:
+                status = S.blocks[key][0, 0]
+                if not (status != NOT_RUN).any():
+                    continue
+                psi = P.blocks[key][0, 0]
+                reason = R.blocks[key][0, 0] if (status == FAILED).any() else None
+            except Exception:  # a damaged block: its members are run again
+                continue
+            for r in np.flatnonzero(status != NOT_RUN):
+                failed = status[r] == FAILED
+                if not failed and not np.isfinite(psi[r]).all():
+                    continue  # a marker without its output (never written in this order), not done
+                out[b * B + int(r)] = (psi[r], not failed, (str(reason[r]) or None) if failed else None)
         return out
-
-    def _listed(self, arr: zarr.Array, step: int, k: int) -> set[int]:
-        """Members with a chunk key under (step, k), found through the store API (missing chunks read as fill)."""
-        prefix = _join(arr.store_path.path, f"c/{step}/{k}/")
-
-        async def keys():
-            return [key async for key in arr.store_path.store.list_prefix(prefix)]
-
-        members = (key[len(prefix):].split("/")[0] for key in sync(keys()))
-        return {int(m) for m in members if m.isdigit()}  # skips a killed write's leftover `*.partial` file
-
-    @staticmethod
-    def _rows(arr: zarr.Array, step: int, k: int, members: set[int]) -> dict:
-        """Rows (step, k, j) for j in members; a row that fails to decode is left out."""
-        idx = sorted(members)
-        try:
-            block = arr.get_orthogonal_selection((step, k, idx))
-            return dict(zip(idx, block))
-        except Exception:
-            out = {}
-            for j in idx:
-                try:
-                    out[j] = arr[step, k, j]
-                except Exception:
-                    pass
-            return out
 
     # ---- committing
 
@@ -396,21 +447,23 @@ class RunStore:
 
     def _write_commit(self, step: int, x: np.ndarray, row: dict) -> None:
         """Writer thread: every array of the step, then the commit marker last."""
-        slot = self._write_arrays(step, x, row)
-        self._write_marker(step, slot)
+        self._write_marker(step, *self._write_arrays(step, x, row))
 
-    def _write_arrays(self, step: int, x: np.ndarray, row: dict) -> int | None:
-        """Every array of the step, written concurrently; returns the resume slot used (None: kept in particles)."""
-        std = x.std(0, ddof=1, dtype=np.float64) if len(x) > 1 else np.zeros(x.shape[1:])
-        writes = {"mean": x.mean(0, dtype=np.float64), "std": std, **row}
+    def _write_arrays(self, step: int, x: np.ndarray, row: dict) -> tuple[int | None, int]:
+        """Every array of the step, written concurrently; returns (resume slot, step) of the newest ensemble."""
+        mean, std = _mean_std(x)
+        writes = {"mean": mean, "std": std, **row}
         if self.is_kept(step):
             self._write_all(step, {**writes, "particles": x})
-            return None
+            return None, step
+        if not self.is_checkpoint(step):
+            self._write_all(step, writes)
+            return self._marker["resume_slot"], self._marker["ensemble_step"]
         slot = self._free_slot()
         self._a["resume/step"][slot] = -1  # the slot is untrusted until its data are complete
         self._write_all(step, writes, slot, x)
         self._a["resume/step"][slot] = step
-        return slot
+        return slot, step
 
     def _write_all(self, step: int, writes: dict, slot: int | None = None, x: np.ndarray | None = None) -> None:
         jobs = [self._a[name].async_array.setitem(step, value) for name, value in writes.items()]
@@ -430,14 +483,18 @@ class RunStore:
         stamps = self._a["resume/step"][:]
         return int(np.argmin(stamps))
 
-    def _write_marker(self, step: int, slot: int | None) -> None:
-        marker = {"committed_step": int(step), "resume_slot": slot, "committed_at": _now()}
+    def _write_marker(self, step: int, slot: int | None, ensemble_step: int) -> None:
+        recorded = max(int(step), self._marker["recorded_step"], self._marker["committed_step"])
+        marker = {"committed_step": int(step), "resume_slot": slot, "ensemble_step": int(ensemble_step),
+                  "recorded_step": recorded, "committed_at": _now()}
         self._root.update_attributes(marker)
         self._marker = marker
 
     def _read_marker(self) -> dict:
         a = self._root.attrs
-        return {"committed_step": int(a["committed_step"]), "resume_slot": a.get("resume_slot")}
+        t = int(a["committed_step"])
+        return {"committed_step": t, "resume_slot": a.get("resume_slot"), "ensemble_step": a.get("ensemble_step", t),
+                "recorded_step": a.get("recorded_step", t)}
 
     # ---- the background writer
 
@@ -446,8 +503,39 @@ class RunStore:
             self._thread = threading.Thread(target=self._run, name=f"run-store-writer {self.path}", daemon=True)
             self._thread.start()
             _OPEN_STORES.add(self)
-        self._queue.put((step, job))
+        try:
+            self._queue.put_nowait((step, job))
+        except queue.Full:
+            with self._hurried():  # the caller must wait for room: let the writer go on outside a window
+                self._queue.put((step, job))
         self._raise_writer_error()
+
+    @contextlib.contextmanager
+    def write_window(self):
+        """While inside, a deferred store writes its queued steps (wrap the forward evaluations in it)."""
+        with self._gate:
+            self._in_window += 1
+            self._gate.notify_all()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._in_window -= 1
+
+    @contextlib.contextmanager
+    def _hurried(self):
+        with self._gate:
+            self._hurry += 1
+            self._gate.notify_all()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._hurry -= 1
+
+    def _wait_for_window(self) -> None:
+        with self._gate:
+            self._gate.wait_for(lambda: not self._defer or self._in_window or self._hurry)
 
     def _run(self) -> None:
         while True:
@@ -458,6 +546,7 @@ class RunStore:
                 step, job = item
                 if self._error is None:  # after a failure, drain without writing: no later step may commit
                     try:
+                        self._wait_for_window()
                         job()
                     except BaseException as e:
                         self._error = WriterError(f"run store {self.path}: writing step {step} failed "
@@ -482,7 +571,8 @@ class RunStore:
     def flush(self) -> None:
         """Wait until every queued write (and commit marker) is on the store; raise a writer error if any."""
         if self._thread is not None:
-            self._queue.join()
+            with self._hurried():
+                self._queue.join()
         self._raise_writer_error()
 
     def close(self) -> None:
@@ -601,6 +691,24 @@ def store_exists(path, storage_options: dict | None = None) -> bool:
     return "format_version" in root.attrs
 
 
+def _mean_std(x: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Ensemble mean and unbiased spread over axis 0, summed in blocks of `block` members in x's dtype and
+    accumulated in float64 (4x faster than float64 throughout; relative error ~1e-7 for float32 ensembles)."""
+    J = len(x)
+    total = np.zeros(x.shape[1:])
+    for i in range(0, J, block):
+        total += np.add.reduce(x[i:i + block], 0)
+    mean = total / J
+    if J == 1:
+        return mean, np.zeros_like(mean)
+    centre, squares = mean.astype(x.dtype), np.zeros_like(mean)
+    for i in range(0, J, block):
+        d = x[i:i + block] - centre
+        squares += np.add.reduce(d * d, 0)
+    squares -= J * (mean - centre) ** 2  # sum (x - mean)^2 from sum (x - centre)^2
+    return mean, np.sqrt(np.maximum(squares, 0.0) / (J - 1))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -619,9 +727,10 @@ def _create_arrays(root, J, state_shape, state_dims, obs_size, N, K, F, dtype) -
     new("particles", (N, J, *state_shape), block, ("step", "member", *state_dims), codecs=_CHECKSUM_ONLY)
     new("mean", (N, *state_shape), (1, *state_shape), ("step", *state_dims))
     new("std", (N, *state_shape), (1, *state_shape), ("step", *state_dims))
-    new("psi", (N, K, J, obs_size), (1, 1, 1, obs_size), ("step", "correction", "member", "obs"))
-    new("status", (N, K, J), (1, 1, 1), ("step", "correction", "member"), dt="int8", fill=NOT_RUN)
-    new("reason", (N, K, J), (1, 1, 1), ("step", "correction", "member"), dt=str, fill="")
+    B = min(J, max(1, _RECORD_BYTES // (obs_size * np.dtype(dtype).itemsize)))
+    new("psi", (N, K, J, obs_size), (1, 1, B, obs_size), ("step", "correction", "member", "obs"), codecs=_CHECKSUM_ONLY)
+    new("status", (N, K, J), (1, 1, B), ("step", "correction", "member"), dt="int8", fill=NOT_RUN)
+    new("reason", (N, K, J), (1, 1, B), ("step", "correction", "member"), dt=str, fill="")
     new("misfit", (N, K), (1, K), ("step", "correction"), dt="float64")
     new("weight", (N, K), (1, K), ("step", "correction"), dt="float64")
     new("sigma", (N,), (1,), ("step",), dt="float64")

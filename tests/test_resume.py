@@ -18,13 +18,13 @@ from enkg_dist import runner
 LG = "builtin:linear_gaussian_64"
 
 
-def job(tmp_path: Path, log: Path) -> Path:
+def job(tmp_path: Path, log: Path, store: str = "{}") -> Path:
     """A small linear-Gaussian job whose members take 30 ms each, evaluated one at a time, logging each run."""
     p = tmp_path / "job.yaml"
     p.write_text(
         "name: resume-test\nseed: 3\nproblem: {n: 16, k: 2}\n"
         "enkg: {ensemble_size: 8, num_steps: 12, failure_policy: resample}\n"
-        "execution: {batch_size: 1}\n"
+        f"execution: {{batch_size: 1}}\nstore: {store}\n"
         f"chaos: {{fail_rate: 0.1, modes: [nan], delay: 0.03, log: {log}}}\n")
     return p
 
@@ -42,26 +42,34 @@ def committed(run_dir: Path) -> int:
 
 
 def reference(tmp_path: Path) -> tuple[torch.Tensor, int]:
+    """The uninterrupted run's ensemble (with the default store settings) and its number of member runs."""
     log = tmp_path / "ref.log"
     cfg = cfgmod.load_config(job(tmp_path, log))
     out, metrics = runner.run(cfg, tmp_path / "ref", progress=False)
     return torch.load(out / "ensemble.pt")["particles"], len(log.read_text().split())
 
 
-def test_kill_after_a_committed_step_then_resume(tmp_path):
+@pytest.mark.parametrize("store", ["{}", "{full_every: 20, checkpoint_every: 4}"])
+def test_kill_after_a_committed_step_then_resume(tmp_path, store):
     ref, n_ref = reference(tmp_path)
     log, run_dir = tmp_path / "a.log", tmp_path / "a"
-    p = start(job(tmp_path, log), run_dir)
-    while committed(run_dir) < 4 and p.poll() is None:
+    p = start(job(tmp_path, log, store), run_dir)
+    while committed(run_dir) < 5 and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    at_kill = committed(run_dir)
     r = subprocess.run([sys.executable, "-m", "enkg_dist.cli", "resume", str(run_dir), "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
     assert torch.equal(torch.load(run_dir / "ensemble.pt")["particles"], ref)
     assert len(log.read_text().split()) <= n_ref + 2  # at most the members in flight at the kill ran twice
+    resumed = json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"]
+    if "checkpoint_every" in store:  # back to the newest ensemble (step 3 or 7), the steps since replayed
+        assert resumed in (3, 7) and resumed < at_kill, (resumed, at_kill)
+    else:
+        assert resumed == at_kill
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -85,11 +93,14 @@ def test_a_store_kept_outside_the_run_directory_is_resumed(tmp_path):
 
 
 @pytest.mark.slow
-def test_many_random_kills_give_the_uninterrupted_ensemble(tmp_path):
-    """At least 10 SIGKILLs at random moments (mid-write, mid-evaluation); every restart resumes; same answer."""
+@pytest.mark.parametrize("store", ["{}", "{full_every: 6, checkpoint_every: 4}"])
+def test_many_random_kills_give_the_uninterrupted_ensemble(tmp_path, store):
+    """At least 10 SIGKILLs at random moments (mid-write, mid-evaluation); every restart resumes; same answer.
+
+    With checkpoint_every = 4, a restart goes back up to 3 steps and replays them from the recorded outputs."""
     ref, n_ref = reference(tmp_path)
     log, run_dir = tmp_path / "k.log", tmp_path / "k"
-    jp = job(tmp_path, log)
+    jp = job(tmp_path, log, store)
     rnd = random.Random(7)
     kills = 0
     while True:

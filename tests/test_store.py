@@ -123,11 +123,11 @@ def test_uncommitted_step_is_invisible_and_members_count_only_when_complete(tmp_
     a.close()
 
 
-def test_record_correction_is_written_before_the_commit_and_urls_work():
+def test_bulk_records_and_urls_work():
     path = "memory://test-store/run.zarr"  # an fsspec URL, as s3://... would be with s3fs installed
     store = make(path)
     psi = np.stack([psi_for(0, 0, j) for j in range(J)])
-    store.record_correction(0, 0, psi, np.arange(J) != 3, {3: "timeout"})
+    store.record_members(0, 0, range(J), psi, np.arange(J) != 3, [None, None, None, "timeout", None, None])
     store.commit_step(0, particles_for(0))
     store.close()
     r = RunStore.open(path)
@@ -136,6 +136,63 @@ def test_record_correction_is_written_before_the_commit_and_urls_work():
     assert sorted(done) == list(range(J)) and done[3][1:] == (False, "timeout")
     assert np.array_equal(done[5][0], psi[5])
     assert open_xarray(path).sizes["step"] == 1
+
+
+@pytest.fixture
+def two_member_blocks(monkeypatch):
+    """Member blocks of 2 rows of psi (3 float64), so J = 6 members make 3 blocks."""
+    monkeypatch.setattr(store_module, "_RECORD_BYTES", 2 * M * 8)
+
+
+def test_member_blocks_arrive_in_any_order_and_a_new_process_adds_to_them(tmp_path, two_member_blocks):
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        assert store.array("psi").chunks == (1, 1, 2, M) and store.array("status").chunks == (1, 1, 2)
+        store.record_members(0, 1, [4, 1], [psi_for(0, 1, 4), psi_for(0, 1, 1)], [True, False], [None, "nan"])
+        store.record_member(0, 1, 2, psi_for(0, 1, 2), True)
+    with RunStore.open(path, "a") as store:  # a resumed driver: the blocks it writes keep the earlier members
+        assert sorted(store.completed_members(0, 1)) == [1, 2, 4]
+        store.record_members(0, 1, [5, 0], [psi_for(0, 1, 5), psi_for(0, 1, 0)], [True, True])
+        store.record_member(0, 1, 3, psi_for(0, 1, 3), False, "timeout")
+    done = RunStore.open(path).completed_members(0, 1)
+    assert sorted(done) == list(range(J)) and RunStore.open(path).completed_members(0, 0) == {}
+    assert [done[j][1:] for j in (1, 3)] == [(False, "nan"), (False, "timeout")]
+    for j in (0, 2, 4, 5):
+        assert done[j][1:] == (True, None) and np.array_equal(done[j][0], psi_for(0, 1, j))
+    with RunStore.open(path, "a") as store:  # a member reported ok with a non-finite output is recorded as failed
+        store.record_member(1, 0, 4, np.array([1.0, np.nan, 2.0]), True)
+    assert RunStore.open(path).completed_members(1, 0)[4][1:] == (False, "non-finite forward output")
+    with pytest.raises(ValueError, match="members outside"):
+        RunStore.open(path, "a").record_member(1, 0, J, psi_for(1, 0, 0), True)
+    with pytest.raises(ValueError, match=r"2 members but psi \(2, 4\)"):
+        RunStore.open(path, "a").record_members(1, 0, [0, 1], np.zeros((2, M + 1)), [True, True])
+
+
+def test_a_damaged_member_block_is_run_again_and_rewritten_whole(tmp_path, two_member_blocks):
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        store.record_members(0, 0, range(J), [psi_for(0, 0, j) for j in range(J)], [True] * J)
+    f = Path(path, "psi", "c", "0", "0", "1", "0")  # members 2 and 3
+    data = bytearray(f.read_bytes())
+    data[5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with RunStore.open(path, "a") as store:
+        assert sorted(store.completed_members(0, 0)) == [0, 1, 4, 5]
+        store.record_member(0, 0, 3, psi_for(0, 0, 3), True)  # the block starts afresh: member 2 is not done
+        assert sorted(store.completed_members(0, 0)) == [0, 1, 3, 4, 5]
+        store.record_member(0, 0, 2, psi_for(0, 0, 2), True)
+    done = RunStore.open(path).completed_members(0, 0)
+    assert all(np.array_equal(done[j][0], psi_for(0, 0, j)) for j in range(J))
+
+
+def test_mean_and_spread_match_float64():
+    x = (np.random.default_rng(0).standard_normal((300, 7, 5)) + 3).astype(np.float32)
+    mean, std = store_module._mean_std(x, block=64)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, x.astype(np.float64).std(0, ddof=1), rtol=1e-5)
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(store_module._mean_std(xd, block=7)[1], xd.std(0, ddof=1), rtol=1e-12)
+    assert (store_module._mean_std(x[:1])[1] == 0).all()
 
 
 CHILD = r"""
@@ -315,3 +372,52 @@ def test_config_diff_lists_dotted_keys(tmp_path):
     assert store.config_diff(new, ignore=("chaos",)) == ["enkg.scale", "execution.num_workers", "name"]
     assert store.config_diff(CONFIG) == []
     store.close()
+
+
+def test_deferred_writes_wait_for_a_window_a_full_queue_or_a_flush(tmp_path):
+    path = tmp_path / "run.zarr"
+    store = make(path, max_pending=1, defer_writes=True)
+
+    def committed_on_disk():
+        return RunStore.open(path, verify=False).committed_step
+
+    store.commit_step(0, particles_for(0))
+    time.sleep(0.3)
+    assert committed_on_disk() == -1, "a deferred step is written before any window"
+    with store.write_window():  # the forward evaluations of the next step
+        deadline = time.monotonic() + 10
+        while committed_on_disk() < 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert committed_on_disk() == 0
+    for t in (1, 2, 3):  # no window at all: a full queue lets the writer go on, so commit_step never deadlocks
+        store.commit_step(t, particles_for(t))
+    assert committed_on_disk() >= 1
+    store.flush()
+    assert committed_on_disk() == 3
+    store.close()
+    np.testing.assert_array_equal(RunStore.open(path).resume_state()[1], particles_for(3))
+
+
+def test_checkpoint_every_writes_ensembles_sparsely_and_resume_replays_from_the_newest(tmp_path):
+    path = tmp_path / "run.zarr"
+    with make(path, num_steps=9, full_every=9, checkpoint_every=3) as store:
+        assert [s for s in range(9) if store.is_checkpoint(s)] == [2, 5, 8]
+        run_steps(store, range(5))  # ensembles of step 2 only (in a slot); steps 3 and 4 have records and means
+    r = RunStore.open(path)
+    assert r.committed_step == 4 and r.attrs["ensemble_step"] == 2 and r.records_until == 5
+    assert sorted(r.array("resume/step")[:]) == [-1, 2]
+    step, x = r.resume_state()
+    assert step == 2 and np.array_equal(x, particles_for(2))
+    np.testing.assert_allclose(r.read("mean", 4), particles_for(4).mean(0))
+    a = RunStore.open(path, "a", checkpoint_every=3)  # a resume: back to the ensemble, replay steps 3 and 4
+    assert a.committed_step == 2 and a.records_until == 5 and sorted(a.completed_members(4, 1)) == list(range(J))
+    a.close()
+    again = RunStore.open(path, "a", checkpoint_every=2)  # killed before replaying: the records are still known
+    assert again.committed_step == 2 and again.records_until == 5
+    run_steps(again, range(3, 6))  # with checkpoint_every = 2: step 3 and 5 go to the slots
+    again.close()
+    r = RunStore.open(path)
+    assert r.attrs["ensemble_step"] == 5 and sorted(r.array("resume/step")[:]) == [3, 5]
+    assert r.resume_state()[0] == 5 and r.records_until == 6
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        RunStore.open(path, checkpoint_every=0)

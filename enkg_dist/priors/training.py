@@ -69,11 +69,10 @@ class TrainConfig(BaseModel):
 
 
 def config_error(e: ValidationError) -> ValueError:
-    """A one-line ValueError from a pydantic error."""
-    err = e.errors()[0]
-    key = ".".join(map(str, err["loc"])) or "<root>"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    return ValueError(f"train config error: {key}: {msg}")
+    """A one-line ValueError from a pydantic error of a TrainConfig."""
+    from enkg_dist.config import one_line_error
+
+    return ValueError(one_line_error(e, TrainConfig, "train config error"))
 
 
 def load_train_config(path=None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
