@@ -278,15 +278,25 @@ def train(cfg: TrainConfig, data: torch.Tensor, out_dir, val: torch.Tensor | Non
 
 def _train_step(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device):
     """One optimizer step on this rank's batch, from the (seed, rank, step) stream; returns (loss, grad norm)."""
+    loss = rank_loss(run, net, data, cfg, rank, world, device)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: the gradient averaged over the ranks
+    return loss.detach(), apply_gradients(run, cfg)
+
+
+def rank_loss(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> torch.Tensor:
+    """EDM loss (Karras et al. 2022 eq. 2) of rank `rank`'s share of step run.step's batch."""
     s_data, s_drop = rng.torch_seeds(cfg.seed, rng.TRAIN, rank, run.step)
     gen = torch.Generator(device).manual_seed(s_data)
     torch.manual_seed(s_drop)  # dropout draws from the global generator
     x0 = data[torch.randint(data.shape[0], (cfg.batch_size // world,), generator=gen, device=device)]
     if cfg.augment == "kolmogorov":
         x0 = kolmogorov_augment(x0, gen, cfg.forcing_wavenumber)
-    loss = edm_loss(net, x0, gen, cfg, run.model.config.sigma_data).mean()
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    return edm_loss(net, x0, gen, cfg, run.model.config.sigma_data).mean()
+
+
+def apply_gradients(run: Run, cfg: TrainConfig) -> torch.Tensor:
+    """Adam step with warm-up and clipping from the gradients in run.model, then the EMA; returns the grad norm."""
     for p in run.model.parameters():  # as EDM: a non-finite gradient entry must not poison the weights
         torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
@@ -298,7 +308,7 @@ def _train_step(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, 
     with torch.no_grad():
         for pe, p in zip(run.ema.parameters(), run.model.parameters()):
             pe.lerp_(p, 1.0 - beta)
-    return loss.detach(), grad_norm
+    return grad_norm
 
 
 def _train(cfg, model_cfg, data, val, data_info, out_dir, ckpt, rank, world, device, progress) -> dict:

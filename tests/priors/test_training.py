@@ -209,7 +209,8 @@ def test_train_prior_command(ns_data, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(ns_data, tmp_path):
-    """DDP on CPU (gloo), 2 ranks: finishes, finite loss, rank 0 alone writes (one log line per step)."""
+    """DDP on CPU (gloo), 2 ranks: finishes, finite loss, rank 0 alone writes (one log line per step), and the
+    weights equal a single process's that averages the two ranks' gradients itself."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
@@ -230,3 +231,23 @@ def test_torchrun_two_processes(ns_data, tmp_path):
     assert meta["world_size"] == 2 and meta["step"] == 4
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "prior.pt"]
     assert stdout.count('"step": 4') == 1  # one summary line: rank 0's
+
+    # the same 4 steps in one process, averaging the two ranks' gradients by hand, give the same weights (one
+    # rank's gradient alone does not; Adam cannot tell a mean from a sum, so this checks which gradients combine)
+    from enkg_dist.data.generate import open_dataset
+    from enkg_dist.priors.training import Run, apply_gradients, rank_loss
+
+    cfg, model_cfg = TrainConfig(**meta["train"]), UNetConfig(**meta["unet"])
+    data = torch.as_tensor(open_dataset(ns_data, "train")[:], dtype=torch.float32)
+    run = Run(cfg, model_cfg, torch.device("cpu"))
+    run.model.train()
+    while run.step < 4:
+        run.opt.zero_grad(set_to_none=True)
+        for rank in (0, 1):
+            (rank_loss(run, run.model, data, cfg, rank, 2, torch.device("cpu")) / 2).backward()
+        apply_gradients(run, cfg)
+    _, state = load_checkpoint(out / "checkpoint.pt")
+    for name, value in run.model.state_dict().items():
+        torch.testing.assert_close(value, state["model"][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(v, Run(cfg, model_cfg, "cpu").model.state_dict()[k])
+               for k, v in state["model"].items())  # the weights did move
