@@ -15,7 +15,8 @@ the runner's commit: mean, std and, every --checkpoint-every steps, the full ens
 writer while the next step's simulations run), alternating off/on. The simulator stands for a cluster of W workers
 (--workers): every member takes `--sim` seconds, W run at once, results arrive spread over each wave. W = J is the
 extreme where a whole step's members finish within one simulator time and the store's share is the largest. The
-figures are means over all timed steps, so the steps that write an ensemble count with their share.
+step times are means over all timed steps of a run (the steps that write an ensemble count with their share); the
+overhead is the median over rounds of (run with the store on) / (run with it off, just before) - 1.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def bench_step(root: Path, J: int, n: int, sim: float, workers: int, steps: int,
     cfg = sampler.EnKGConfig(num_steps=steps + 1, num_corrections=1, guidance_start=0.0, guidance_end=0.0)
     y, sigmas = problem.y.to(torch.float32), cfg.sigmas()
     x0 = sampler.initial_particles(0, J, prior.state_shape, cfg.sigma_max, torch.float32)
-    times = {"off": [], "on": []}
+    times = {"off": [[] for _ in range(rounds)], "on": [[] for _ in range(rounds)]}
     for r in range(rounds):
         for mode in ("off", "on"):
             store = None
@@ -138,11 +139,11 @@ def bench_step(root: Path, J: int, n: int, sim: float, workers: int, steps: int,
                 if store is not None:
                     _commit(store, ev, i, x, rec.sigma, [c.info for c in rec.corrections], t0)
                 if i > 0:  # the first step warms caches and thread pools
-                    times[mode].append(time.perf_counter() - t0)
+                    times[mode][r].append(time.perf_counter() - t0)
             if store is not None:
                 ev.close()
                 store.close()
-    return {k: np.array(v) for k, v in times.items()}
+    return {k: np.array(v) for k, v in times.items()}  # (rounds, steps)
 
 
 def main() -> None:
@@ -154,7 +155,8 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     p.add_argument("--step", action="store_true", help="also time EnKG steps with the store on vs off")
     p.add_argument("--sim", type=float, default=1.0, help="seconds per member of the --step simulator")
-    p.add_argument("--rounds", type=int, default=1, help="off/on alternations of --step (8 timed steps each)")
+    p.add_argument("--rounds", type=int, default=3, help="off/on pairs of --step runs (8 timed steps each); the "
+                   "overhead is the median of the pairs' ratios, robust to a slow spell of a shared machine")
     p.add_argument("--workers", default="64,1024", help="--step: simulator workers emulated (comma-separated)")
     p.add_argument("--checkpoint-every", default="1,4",
                    help="--step: write the full ensemble every n-th step (store.full_every = checkpoint_every = n)")
@@ -190,12 +192,15 @@ def main() -> None:
     for what, value in rows:
         print(f"{what:50s} {value:>12s}")
     for (W, m), t in st.items():
-        off, on = np.mean(t["off"]), np.mean(t["on"])
+        off, on = t["off"].mean(1), t["on"].mean(1)  # per round: a run with the store off, then one with it on
+        ratios = on / off - 1
         print(f"\nguided EnKG step, J = {J}, {a.n}x{a.n} float32, K = 1, simulator {a.sim:g} s per member on {W} "
-              f"workers, {len(t['off'])} steps each, alternating off/on; ensemble written every {m} step(s):")
-        print(f"{'store off, mean step':50s} {off:9.2f} s")
-        print(f"{'store on (every member recorded, commits)':50s} {on:9.2f} s")
-        print(f"{'checkpoint overhead (on - off) / off':50s} {(on - off) / off * 100:9.1f} %")
+              f"workers, {a.rounds} rounds of {t['off'].shape[1]} steps off then on; ensemble written every {m} "
+              "step(s):")
+        print(f"{'store off, mean step':50s} {off.mean():9.2f} s")
+        print(f"{'store on (every member recorded, commits)':50s} {on.mean():9.2f} s")
+        print(f"{'overhead per round (on / off - 1)':50s} {' '.join(f'{100 * q:.1f}' for q in ratios):>12s} %")
+        print(f"{'checkpoint overhead, median of the rounds':50s} {np.median(ratios) * 100:9.1f} %")
 
 if __name__ == "__main__":
     main()
