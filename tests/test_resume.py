@@ -64,7 +64,9 @@ def test_kill_after_a_committed_step_then_resume(tmp_path, store):
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
     assert torch.equal(torch.load(run_dir / "ensemble.pt")["particles"], ref)
-    assert len(log.read_text().split()) <= n_ref + 2  # at most the members in flight at the kill ran twice
+    # run twice: the member in flight at the kill, and those the recorder had not written yet (its lag is ~10 ms
+    # here, ~100 ms on a loaded machine, against 30 ms members)
+    assert len(log.read_text().split()) <= n_ref + 4
     resumed = json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"]
     if "checkpoint_every" in store:  # back to the newest ensemble (step 3 or 7), the steps since replayed
         assert resumed in (3, 7) and resumed < at_kill, (resumed, at_kill)
