@@ -32,11 +32,13 @@ class Built:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise cfgmod.ConfigError("config error: device: 'cuda' was asked but no CUDA device is available")
-    return torch.device(name)
+    """The run's device (`device: auto/cpu/cuda`), a one-line config error when it is not there."""
+    from enkg_dist.priors.learned import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except ValueError as e:
+        raise cfgmod.ConfigError(f"config error: device: {e}") from None
 
 
 def make_prior(pr, n: int, zero_mean_mode: bool = False):
@@ -47,8 +49,12 @@ def make_prior(pr, n: int, zero_mean_mode: bool = False):
         return GaussianFieldPrior.matern_like(n, pr.alpha, pr.tau, pr.std, zero_mean_mode=zero_mean_mode)
     if pr.kind == "gaussian_fit":
         return _fitted_prior(pr, n)
-    from enkg_dist.priors.learned import LearnedPrior
+    from enkg_dist.priors.learned import LearnedPrior, resolve_device
 
+    try:
+        resolve_device(pr.device)
+    except ValueError as e:
+        raise cfgmod.ConfigError(f"config error: prior.device: {e}") from None
     try:
         return LearnedPrior.from_checkpoint(pr.checkpoint, device=pr.device, precision=pr.dtype,
                                             compile=pr.compile, max_batch=pr.max_batch, resolution=n)

@@ -381,12 +381,7 @@ class RunStore:
         """Whole member blocks of one array, written concurrently (each is one chunk: no read-modify-write)."""
         arr = self._a[name]
         B = arr.chunks[2]
-        jobs = [arr.async_array.setitem((step, k, slice(b * B, b * B + len(v))), v) for b, v in blocks.items()]
-
-        async def gather():
-            await asyncio.gather(*jobs)
-
-        sync(gather())
+        _set_all([arr.async_array.setitem((step, k, slice(b * B, b * B + len(v))), v) for b, v in blocks.items()])
 
     def completed_members(self, step: int, k: int) -> dict[int, tuple[np.ndarray, bool, str | None]]:
         """Members of (step, k) whose psi and status marker were both written and decode: j -> (psi_j, ok, reason)."""
@@ -469,11 +464,7 @@ class RunStore:
         jobs = [self._a[name].async_array.setitem(step, value) for name, value in writes.items()]
         if slot is not None:
             jobs.append(self._a["resume/particles"].async_array.setitem(slot, x))
-
-        async def gather():
-            await asyncio.gather(*jobs)
-
-        sync(gather())
+        _set_all(jobs)
 
     def _free_slot(self) -> int:
         """The resume slot the marker does not point at (the older one when it points at neither)."""
@@ -689,6 +680,15 @@ def store_exists(path, storage_options: dict | None = None) -> bool:
     except (FileNotFoundError, KeyError, ValueError, OSError, zarr.errors.GroupNotFoundError):
         return False
     return "format_version" in root.attrs
+
+
+def _set_all(jobs) -> None:
+    """Run Zarr async writes concurrently and wait for all of them."""
+
+    async def gather():
+        await asyncio.gather(*jobs)
+
+    sync(gather())
 
 
 def _mean_std(x: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:

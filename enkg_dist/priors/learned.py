@@ -32,10 +32,13 @@ def checkpoint_path(spec: str) -> Path:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; ValueError when cuda is asked for and there is none."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("'cuda' was asked but no CUDA device is available")
+    return device
 
 
 class CompiledOrEager:
