@@ -1,6 +1,7 @@
 """Run by test_node_loss.py in its own process: a 3-node Ray (ray.cluster_utils.Cluster) loses a node mid-run."""
 
 import json
+import pathlib
 import sys
 import threading
 import time
@@ -23,9 +24,22 @@ cluster.wait_for_nodes()
 events = {}
 
 
+def committed_step() -> int:
+    try:
+        return json.loads(pathlib.Path(f"{out}/ray/store.zarr/zarr.json").read_text())["attributes"]["committed_step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def remove_a_node():
-    time.sleep(8.0)
-    events["removed_at"] = time.monotonic()
+    # after step 3 is committed, so both workers have started and the run has steps left (a fixed delay lost the
+    # node during a slow CI machine's worker start-up, where there is nothing in flight to re-dispatch)
+    deadline = time.monotonic() + 300
+    while committed_step() < 3:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
+    events["removed_at"], events["removed_after_step"] = time.monotonic(), committed_step()
     cluster.remove_node(nodes[1])
     cluster.add_node(num_cpus=2, resources={"sim": 1})  # room for the replacement worker
 
@@ -38,6 +52,7 @@ ray_dir, metrics = runner.run(cfg, f"{out}/ray", progress=False, address=cluster
 done = time.monotonic()
 same = torch.equal(torch.load(local_dir / "ensemble.pt")["particles"], torch.load(ray_dir / "ensemble.pt")["particles"])
 print(json.dumps({"same": same, "removed_during_run": t0 < events.get("removed_at", 1e18) < done,
-                  "workers_replaced": metrics["workers_replaced"], "redispatched": metrics["redispatched"]}))
+                  "removed_after_step": events.get("removed_after_step"), "workers_replaced": metrics["workers_replaced"],
+                  "redispatched": metrics["redispatched"]}))
 ray.shutdown()
 cluster.shutdown()
