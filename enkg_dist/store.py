@@ -143,7 +143,7 @@ class RunStore:
     """A run's Zarr store: create or open, record member outputs, commit steps in the background, resume."""
 
     def __init__(self, root: zarr.Group, path: str, mode: str, max_pending: int = 2, defer_writes: bool = False,
-                 checkpoint_every: int = 1):
+                 checkpoint_every: int = 1, fresh: bool = False):
         self._root, self.path, self.mode = root, path, mode
         self._a = {name: root[name] for name in ("particles", "mean", "std", "psi", "status", "reason", "misfit",
                                                   "weight", "sigma", "timings", "resume/particles", "resume/step")}
@@ -167,7 +167,8 @@ class RunStore:
             raise ValueError("run store: checkpoint_every must be >= 1")
         self.checkpoint_every = checkpoint_every
         # steps up to here may hold member records of an earlier process: a resume replays them from the records
-        self.records_until = min(self._marker["recorded_step"] + 1, self.num_steps - 1)
+        # (a store just created holds none; one killed before its first commit may hold step 0's)
+        self.records_until = -1 if fresh else min(self._marker["recorded_step"] + 1, self.num_steps - 1)
 
     # ---- creating and opening
 
@@ -197,9 +198,7 @@ class RunStore:
                              "directory") from None
         _create_arrays(root, J, state_shape, tuple(state_dims), obs_size, num_steps, max(num_corrections, 1),
                        len(timing_fields), dtype)
-        store = cls(root, str(path), "a", max_pending, defer_writes, checkpoint_every)
-        store.records_until = -1  # a new store holds no records
-        return store
+        return cls(root, str(path), "a", max_pending, defer_writes, checkpoint_every, fresh=True)
 
     @classmethod
     def open(cls, path, mode: str = "r", *, verify: bool = True, on_damage: str = "raise", max_pending: int = 2,

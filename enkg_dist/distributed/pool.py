@@ -63,7 +63,7 @@ class PoolStats:
     # recent timings only (a run of days must not grow them without bound)
     task_seconds: deque = field(default_factory=lambda: deque(maxlen=100))
     member_seconds: deque = field(default_factory=lambda: deque(maxlen=1000))  # task time / members in the task
-    batch_sizes: list[int] = field(default_factory=list)  # members per task used by each evaluate call
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))  # members per task, per evaluate call
 
 
 AUTO_OVERHEAD = 2e-3  # driver seconds per task assumed by auto batching (measured: 1.2-1.3 ms here)
