@@ -32,7 +32,7 @@ class EnKGConfig:
     scale: float = 2.0  # s
     lr_min_ratio: float | None = None  # r: linear decay of s when set
     step_rule: str = "frobenius"  # "frobenius" (code: s/|A|_F) or "trace" (paper: s/tr C_psipsi)
-    guard: float | None = 1.0  # cap on w * |C_psipsi|_F (None: the authors' unguarded step)
+    guard: float | None = 1.0  # cap on w * tr(C_psipsi) (None: the authors' unguarded step)
     num_corrections: int = 2  # K
     guidance_start: float = 0.05
     guidance_end: float = 0.05
