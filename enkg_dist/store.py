@@ -672,13 +672,22 @@ def _flush_at_exit() -> None:
             warnings.warn(str(e), stacklevel=1)
 
 
+def _root_attrs(path, storage_options: dict | None = None) -> dict:
+    """The root attributes of the Zarr group at `path`; {} when there is none (yet)."""
+    try:
+        return dict(zarr.open_group(path, mode="r", storage_options=storage_options).attrs)
+    except (FileNotFoundError, KeyError, ValueError, OSError, zarr.errors.GroupNotFoundError):
+        return {}
+
+
 def store_exists(path, storage_options: dict | None = None) -> bool:
     """Whether a run store (a Zarr group with the store's attributes) is at `path` (a directory or fsspec URL)."""
-    try:
-        root = zarr.open_group(path, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, KeyError, ValueError, OSError, zarr.errors.GroupNotFoundError):
-        return False
-    return "format_version" in root.attrs
+    return "format_version" in _root_attrs(path, storage_options)
+
+
+def committed_step_of(path, storage_options: dict | None = None) -> int:
+    """The commit marker of the store at `path`, read without opening its arrays (-1 when nothing is committed)."""
+    return int(_root_attrs(path, storage_options).get("committed_step", -1))
 
 
 def _set_all(jobs) -> None:

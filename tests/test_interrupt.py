@@ -1,6 +1,5 @@
 """SIGTERM / SIGINT stop a run cleanly at a safe point: distinct exit code, one-line message, exact resume."""
 
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import torch
 
 from enkg_dist import config as cfgmod
 from enkg_dist import interrupt, runner
-from enkg_dist.store import RunStore
+from enkg_dist.store import RunStore, committed_step_of
 
 
 def job(directory: Path, log: Path) -> Path:
@@ -29,10 +28,7 @@ def job(directory: Path, log: Path) -> Path:
 
 
 def committed(run_dir: Path) -> int:
-    try:
-        return json.loads((run_dir / "store.zarr" / "zarr.json").read_text())["attributes"]["committed_step"]
-    except (OSError, ValueError, KeyError):
-        return -1
+    return committed_step_of(run_dir / "store.zarr")
 
 
 def evaluations(log: Path) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
+from enkg_dist.store import committed_step_of
 
 LG = "builtin:linear_gaussian_64"
 
@@ -35,10 +36,7 @@ def start(job_path: Path, run_dir: Path) -> subprocess.Popen:
 
 
 def committed(run_dir: Path) -> int:
-    try:
-        return json.loads((run_dir / "store.zarr" / "zarr.json").read_text())["attributes"]["committed_step"]
-    except (OSError, ValueError, KeyError):
-        return -1
+    return committed_step_of(run_dir / "store.zarr")
 
 
 def reference(tmp_path: Path) -> tuple[torch.Tensor, int]:

@@ -1,7 +1,6 @@
 """Run by test_node_loss.py in its own process: a 3-node Ray (ray.cluster_utils.Cluster) loses a node mid-run."""
 
 import json
-import pathlib
 import sys
 import threading
 import time
@@ -12,6 +11,7 @@ from ray.cluster_utils import Cluster
 
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
+from enkg_dist.store import committed_step_of
 
 out = sys.argv[1]
 overrides = ["problem.n=16", "enkg.ensemble_size=12", "enkg.num_steps=12", "chaos={fail_rate: 0.0, delay: 0.1}"]
@@ -24,22 +24,15 @@ cluster.wait_for_nodes()
 events = {}
 
 
-def committed_step() -> int:
-    try:
-        return json.loads(pathlib.Path(f"{out}/ray/store.zarr/zarr.json").read_text())["attributes"]["committed_step"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def remove_a_node():
     # after step 3 is committed, so both workers have started and the run has steps left (a fixed delay lost the
     # node during a slow CI machine's worker start-up, where there is nothing in flight to re-dispatch)
     deadline = time.monotonic() + 300
-    while committed_step() < 3:
+    while committed_step_of(f"{out}/ray/store.zarr") < 3:
         if time.monotonic() > deadline:
             return
         time.sleep(0.02)
-    events["removed_at"], events["removed_after_step"] = time.monotonic(), committed_step()
+    events["removed_at"], events["removed_after_step"] = time.monotonic(), committed_step_of(f"{out}/ray/store.zarr")
     cluster.remove_node(nodes[1])
     cluster.add_node(num_cpus=2, resources={"sim": 1})  # room for the replacement worker
 
