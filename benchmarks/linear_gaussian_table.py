@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from enkg_dist import rng, sampler
-from enkg_dist.problems.base import ensemble_metrics, relative_l2
+from enkg_dist.metrics import ensemble_metrics, relative_l2
 from enkg_dist.problems.linear_gaussian import make_problem
 
 CASES = [  # (label, J, rule, scale, guard)

@@ -17,7 +17,8 @@ from enkg_dist import config as cfgmod
 from enkg_dist import interrupt, rng, sampler, schedules
 from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
 from enkg_dist.plots import reconstruction_figure
-from enkg_dist.problems.base import InverseProblem, ensemble_metrics, relative_l2
+from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
+from enkg_dist.problems.base import InverseProblem
 from enkg_dist.recording import RecordingEvaluator
 
 
@@ -231,15 +232,7 @@ def _posterior_metrics(built: Built, x: torch.Tensor, metrics: dict) -> dict:
     post, pb = built.posterior, built.problem
     if post is None or pb.x_true is None:
         return {}
-    m_post = post.mean(pb.y.to(torch.float64))
-    bayes = float(relative_l2(m_post[None], pb.x_true.to(torch.float64))[0])
-    post_std = float(post.variance().mean().sqrt())
-    return {
-        "posterior_mean_rel_l2": bayes,
-        "ratio_to_bayes": metrics["rel_l2_mean"] / bayes,
-        "posterior_spread": post_std,
-        "spread_ratio": metrics["spread"] / post_std,
-    }
+    return posterior_metrics(metrics, pb.x_true, post.mean(pb.y.to(torch.float64)), post.variance())
 
 
 def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None):
@@ -287,6 +280,8 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     truth = None if pb.x_true is None else pb.x_true.to(torch.float64)
     metrics = ensemble_metrics(x, truth)
     metrics.update(_posterior_metrics(built, x, metrics))
+    if truth is not None:
+        metrics["rank_histogram"] = rank_histogram(x, truth)
     metrics.update({"forward_evaluations": evaluator.n_evals, "failed_evaluations": evaluator.n_failed,
                     "skipped_evaluations": evaluator.skipped, "resumed_from_step": start - 1 if resuming else None,
                     "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats()})

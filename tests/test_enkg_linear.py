@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from enkg_dist import sampler
-from enkg_dist.problems.base import ensemble_metrics, relative_l2
+from enkg_dist.metrics import ensemble_metrics, relative_l2
 from enkg_dist.problems.linear_gaussian import make_problem
 
 

@@ -4,7 +4,7 @@ import torch
 
 from enkg_dist import kalman, rng, sampler
 from enkg_dist.priors.gaussian import GaussianFieldPrior, rfft_weights
-from enkg_dist.problems.base import relative_l2
+from enkg_dist.metrics import relative_l2
 from enkg_dist.problems.linear_gaussian import make_problem
 
 

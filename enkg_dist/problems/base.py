@@ -61,24 +61,6 @@ class InverseProblem:
                              f"Gamma is {self.Gamma.m}x{self.Gamma.m}")
 
 
-def relative_l2(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """|x_j - x*| / |x*| for each member (rows of x)."""
-    diff = (x.reshape(x.shape[0], -1) - truth.reshape(1, -1)).norm(dim=1)
-    return diff / truth.reshape(-1).norm()
-
-
-def ensemble_metrics(x: torch.Tensor, truth: torch.Tensor | None) -> dict:
-    """The paper's metric (relative L2 per particle, averaged) and the ensemble mean's relative L2, and the spread."""
-    flat = x.reshape(x.shape[0], -1)
-    out = {"J": x.shape[0], "spread": float(flat.var(dim=0, unbiased=True).mean().sqrt())}
-    if truth is not None:
-        rel = relative_l2(x, truth)
-        out["rel_l2_particles"] = float(rel.mean())
-        out["rel_l2_particles_std"] = float(rel.std()) if x.shape[0] > 1 else 0.0
-        out["rel_l2_mean"] = float(relative_l2(flat.mean(0, keepdim=True), truth)[0])
-    return out
-
-
 def _one_line(e: BaseException) -> str:
     lines = f"{type(e).__name__}: {e}".strip().splitlines()
     return lines[0] if lines else type(e).__name__

@@ -2,7 +2,7 @@
 
 Model space x = w(., 0)/10 (so the prior sees std ~ 0.5); G(x) = S_k w(., T) with w(., 0) = 10 x, S_k keeping every
 k-th point in both axes. The relative L2 error of the paper is scale-free, so it is the same on x as on w and
-`enkg_dist.problems.base.ensemble_metrics` applies to x directly.
+`enkg_dist.metrics.ensemble_metrics` applies to x directly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from enkg_dist import rng
 from enkg_dist.noise import NoiseCovariance
 from enkg_dist.priors.gaussian import GaussianFieldPrior
-from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem, ensemble_metrics
+from enkg_dist.metrics import ensemble_metrics
+from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
 from enkg_dist.problems.navier_stokes.solver import solve
 
