@@ -266,6 +266,34 @@ def one_line_error(exc: ValidationError, root: type[BaseModel] | None = None, wh
     return f"{what}: {'.'.join(keys) or '<root>'}: {msg}{more}"
 
 
+# Keys that may change between resumptions of a run: naming, where output goes, how the work is spread over machines,
+# when the run stops for failures, and the store's write cadence. Every other key changes the answer: a resume with a
+# different value is refused, naming the keys. A key stands for itself and every key under it.
+RESUME_MAY_CHANGE = (
+    "name", "output_dir", "device",
+    "execution.backend", "execution.address", "execution.num_workers", "execution.worker_cpus",
+    "execution.worker_gpus", "execution.worker_resources", "execution.batch_size", "execution.prior_actors",
+    "execution.prior_gpus", "execution.num_cpus", "execution.dashboard", "execution.max_failed_fraction",
+    "store.max_pending", "store.checkpoint_every",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    """Whether the dotted key may differ between resumptions of one run (see RESUME_MAY_CHANGE)."""
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """Refuse `resume --set` of a key that would change the answer, naming it and the keys that may change."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE")
+        if not may_change_on_resume(key):
+            raise ConfigError(f"config error: resume --set {key}: this key may not change between resumptions of a "
+                              f"run (it changes the answer); these may: {', '.join(RESUME_MAY_CHANGE)}")
+
+
 def parse_value(text: str) -> Any:
     """A --set value: YAML scalar/list/dict syntax (1, 0.5, true, null, [1, 2])."""
     return yaml.safe_load(text)

@@ -205,7 +205,7 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
     if resuming:
         store = RunStore.open(path, "a", on_damage="fallback", max_pending=cfg.store.max_pending, defer_writes=True,
                               checkpoint_every=cfg.store.checkpoint_every)
-        diff = store.config_diff(cfg.model_dump(mode="json"))
+        diff = store.config_diff(cfg.model_dump(mode="json"), ignore=cfgmod.RESUME_MAY_CHANGE)
         if diff:
             store.close()
             raise cfgmod.ConfigError(f"config error: cannot resume {out}: the config differs from the stored one in "

@@ -9,7 +9,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "enkg_dist"
 HEAVY = {"ray", "zarr", "mpi4py", "dask", "xarray"}
 ALLOWED = {  # module path prefix -> heavy packages it may import
     "distributed/": {"ray"},
-    "store.py": {"zarr", "dask", "xarray"},
+    "store/": {"zarr", "dask", "xarray"},
     "report.py": {"zarr", "dask", "xarray"},
     "data/": {"zarr"},
     "problems/mpi": {"mpi4py"},

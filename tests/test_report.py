@@ -14,7 +14,7 @@ from enkg_dist.store import FAILED, NOT_RUN, RunStore
 
 LG = "builtin:linear_gaussian_64"
 
-SMALL = ["problem.n=16", "enkg.ensemble_size=8", "enkg.num_steps=10", "chaos={fail_rate: 0.2, modes: [nan]}"]
+SMALL = ["problem.n=16", "enkg.ensemble_size=8", "enkg.num_steps=10", "chaos={fail_rate: 0.2, modes: [nan], seed: 3}"]
 ROW = re.compile(r"^│\s+\d+ │", re.M)  # a step row of the rich table
 
 
@@ -140,7 +140,7 @@ def test_store_written_step_by_step(tmp_path):
         for k in range(K if t else 0):
             for j in range(J):
                 why = reasons.get((t, k, j))
-                st.record_member(t, k, j, np.zeros(m), why is None, why)
+                st.record_members(t, k, [j], np.zeros((1, m)), [why is None], [why])
         if t < 3:
             st.commit_step(t, rng.normal(size=(J, *shape)), {"sigma": 10.0 / (t + 1), "misfit": [2.0, 1.5][: K if t
                            else 0], "weight": [0.1, 0.2][: K if t else 0], "timings": {"total": 0.5}})

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enkg_dist import store as store_module
+from enkg_dist.store import layout
+from enkg_dist.store.runstore import mean_std
 from enkg_dist.store import RunStore, StoreError, StoreIntegrityError, WriterError, open_xarray
 
 J, SHAPE, M, K = 6, (4, 5), 3, 2
@@ -33,13 +34,18 @@ def make(path, num_steps=8, full_every=1, **kw):
                            num_steps=num_steps, num_corrections=K, full_every=full_every, **kw)
 
 
+def record(store, t, k, j, psi, ok, reason=None):
+    """One member's record (the store records in groups; one member is a group of one)."""
+    store.record_members(t, k, [j], np.asarray(psi)[None], [ok], [reason])
+
+
 def run_steps(store, steps):
     """Record every member of every correction (member 1 fails at k=1), then commit the step."""
     for t in steps:
         for k in range(K):
             for j in range(J):
                 ok = not (k == 1 and j == 1)
-                store.record_member(t, k, j, psi_for(t, k, j), ok, None if ok else f"diverged at step {t}")
+                record(store, t, k, j, psi_for(t, k, j), ok, None if ok else f"diverged at step {t}")
         store.commit_step(t, particles_for(t), {"sigma": 1.0 / (t + 1), "misfit": [t, t + 0.5],
                                                  "weight": [0.1, 0.2], "timings": {"total": 2.0, "forward": 1.5}})
 
@@ -89,10 +95,10 @@ def test_refuses_to_overwrite_and_checks_steps(tmp_path):
         store.commit_step(0, particles_for(0)[:3])
     store.commit_step(0, particles_for(0))
     with pytest.raises(ValueError, match="already committed"):
-        store.record_member(0, 0, 0, psi_for(0, 0, 0), True)
+        record(store, 0, 0, 0, psi_for(0, 0, 0), True)
     store.close()
     with pytest.raises(StoreError, match="not open for writing"):
-        RunStore.open(path).record_member(1, 0, 0, psi_for(1, 0, 0), True)
+        record(RunStore.open(path), 1, 0, 0, psi_for(1, 0, 0), True)
 
 
 def test_uncommitted_step_is_invisible_and_members_count_only_when_complete(tmp_path):
@@ -103,7 +109,7 @@ def test_uncommitted_step_is_invisible_and_members_count_only_when_complete(tmp_
         store.array("mean")[3] = 7.0
         store.array("particles")[3] = particles_for(3)
         for j in range(3):
-            store.record_member(3, 0, j, psi_for(3, 0, j), ok=j != 2, reason="nan" if j == 2 else None)
+            record(store, 3, 0, j, psi_for(3, 0, j), ok=j != 2, reason="nan" if j == 2 else None)
         store.array("psi")[3, 0, 3] = psi_for(3, 0, 3)  # psi without its status marker
         store.array("status")[3, 0, 4] = 1  # a marker without psi (never happens in order, still not counted)
     Path(path, "status", "c", "3", "0", "5.0123abcd.partial").write_bytes(b"\x01")  # a killed atomic write
@@ -141,7 +147,7 @@ def test_bulk_records_and_urls_work():
 @pytest.fixture
 def two_member_blocks(monkeypatch):
     """Member blocks of 2 rows of psi (3 float64), so J = 6 members make 3 blocks."""
-    monkeypatch.setattr(store_module, "_RECORD_BYTES", 2 * M * 8)
+    monkeypatch.setattr(layout, "_RECORD_BYTES", 2 * M * 8)
 
 
 def test_member_blocks_arrive_in_any_order_and_a_new_process_adds_to_them(tmp_path, two_member_blocks):
@@ -149,21 +155,21 @@ def test_member_blocks_arrive_in_any_order_and_a_new_process_adds_to_them(tmp_pa
     with make(path) as store:
         assert store.array("psi").chunks == (1, 1, 2, M) and store.array("status").chunks == (1, 1, 2)
         store.record_members(0, 1, [4, 1], [psi_for(0, 1, 4), psi_for(0, 1, 1)], [True, False], [None, "nan"])
-        store.record_member(0, 1, 2, psi_for(0, 1, 2), True)
+        record(store, 0, 1, 2, psi_for(0, 1, 2), True)
     with RunStore.open(path, "a") as store:  # a resumed driver: the blocks it writes keep the earlier members
         assert sorted(store.completed_members(0, 1)) == [1, 2, 4]
         store.record_members(0, 1, [5, 0], [psi_for(0, 1, 5), psi_for(0, 1, 0)], [True, True])
-        store.record_member(0, 1, 3, psi_for(0, 1, 3), False, "timeout")
+        record(store, 0, 1, 3, psi_for(0, 1, 3), False, "timeout")
     done = RunStore.open(path).completed_members(0, 1)
     assert sorted(done) == list(range(J)) and RunStore.open(path).completed_members(0, 0) == {}
     assert [done[j][1:] for j in (1, 3)] == [(False, "nan"), (False, "timeout")]
     for j in (0, 2, 4, 5):
         assert done[j][1:] == (True, None) and np.array_equal(done[j][0], psi_for(0, 1, j))
     with RunStore.open(path, "a") as store:  # a member reported ok with a non-finite output is recorded as failed
-        store.record_member(1, 0, 4, np.array([1.0, np.nan, 2.0]), True)
+        record(store, 1, 0, 4, np.array([1.0, np.nan, 2.0]), True)
     assert RunStore.open(path).completed_members(1, 0)[4][1:] == (False, "non-finite forward output")
     with pytest.raises(ValueError, match="members outside"):
-        RunStore.open(path, "a").record_member(1, 0, J, psi_for(1, 0, 0), True)
+        record(RunStore.open(path, "a"), 1, 0, J, psi_for(1, 0, 0), True)
     with pytest.raises(ValueError, match=r"2 members but psi \(2, 4\)"):
         RunStore.open(path, "a").record_members(1, 0, [0, 1], np.zeros((2, M + 1)), [True, True])
 
@@ -178,33 +184,33 @@ def test_a_damaged_member_block_is_run_again_and_rewritten_whole(tmp_path, two_m
     f.write_bytes(bytes(data))
     with RunStore.open(path, "a") as store:
         assert sorted(store.completed_members(0, 0)) == [0, 1, 4, 5]
-        store.record_member(0, 0, 3, psi_for(0, 0, 3), True)  # the block starts afresh: member 2 is not done
+        record(store, 0, 0, 3, psi_for(0, 0, 3), True)  # the block starts afresh: member 2 is not done
         assert sorted(store.completed_members(0, 0)) == [0, 1, 3, 4, 5]
-        store.record_member(0, 0, 2, psi_for(0, 0, 2), True)
+        record(store, 0, 0, 2, psi_for(0, 0, 2), True)
     done = RunStore.open(path).completed_members(0, 0)
     assert all(np.array_equal(done[j][0], psi_for(0, 0, j)) for j in range(J))
 
 
 def test_mean_and_spread_match_float64():
     x = (np.random.default_rng(0).standard_normal((300, 7, 5)) + 3).astype(np.float32)
-    mean, std = store_module._mean_std(x, block=64)
+    mean, std = mean_std(x, block=64)
     np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_allclose(std, x.astype(np.float64).std(0, ddof=1), rtol=1e-5)
     xd = x.astype(np.float64)
-    np.testing.assert_allclose(store_module._mean_std(xd, block=7)[1], xd.std(0, ddof=1), rtol=1e-12)
-    assert (store_module._mean_std(x[:1])[1] == 0).all()
+    np.testing.assert_allclose(mean_std(xd, block=7)[1], xd.std(0, ddof=1), rtol=1e-12)
+    assert (mean_std(x[:1])[1] == 0).all()
 
 
 CHILD = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from test_store import particles_for, psi_for, K, J
+from test_store import particles_for, psi_for, record, K, J
 from enkg_dist.store import RunStore
 store = RunStore.open(sys.argv[1], "a")
 print("ready", flush=True)
 for t in range(store.num_steps):
     for j in range(J):
-        store.record_member(t, 0, j, psi_for(t, 0, j), True)
+        record(store, t, 0, j, psi_for(t, 0, j), True)
     store.commit_step(t, particles_for(t), {"sigma": float(t)})
 store.close()
 """
@@ -274,7 +280,7 @@ def test_corruption_is_reported_and_resume_falls_back(tmp_path, array, damage):
 
 
 def test_every_member_block_of_a_step_is_checked(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "_CHUNK_BYTES", 2 * int(np.prod(SHAPE)) * 8)  # 2 members a chunk
+    monkeypatch.setattr(layout, "_CHUNK_BYTES", 2 * int(np.prod(SHAPE)) * 8)  # 2 members a chunk
     path = tmp_path / "run.zarr"
     with make(path) as store:
         assert store.array("particles").chunks == (1, 2, *SHAPE)
@@ -289,7 +295,7 @@ def test_every_member_block_of_a_step_is_checked(tmp_path, monkeypatch):
 def test_retention_keeps_every_third_step_and_resumes_through_the_slots(tmp_path):
     path = tmp_path / "run.zarr"
     with make(path, num_steps=8, full_every=3) as store:
-        assert store.kept_steps() == [2, 5, 7]
+        assert [s for s in range(8) if store.is_kept(s)] == [2, 5, 7]
         run_steps(store, range(7))
     r = RunStore.open(path)
     stored = sorted(int(p.name) for p in Path(path, "particles", "c").iterdir())
@@ -330,10 +336,10 @@ def test_writer_error_surfaces_on_the_next_call(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "_write_arrays", disk_full)
     store.commit_step(2, particles_for(2))  # returns: the failure happens in the writer
-    store._queue.join()
+    store._writer.join()
     with pytest.raises(WriterError, match=r"step 2 failed \(OSError: No space left on device\); committed up to "
                                           r"step 1"):
-        store.record_member(3, 0, 0, psi_for(3, 0, 0), True)
+        record(store, 3, 0, 0, psi_for(3, 0, 0), True)
     with pytest.raises(WriterError):
         store.commit_step(3, particles_for(3))
     with pytest.raises(WriterError):
@@ -368,7 +374,7 @@ def test_config_diff_lists_dotted_keys(tmp_path):
     store = make(tmp_path / "run.zarr")
     new = {"name": "other", "seed": 0, "enkg": {"scale": 1.0, "num_steps": 8}, "execution": {"num_workers": 8},
            "chaos": {"fail_rate": 0.1}}
-    assert store.config_diff(new) == ["chaos.fail_rate", "enkg.scale"]
+    assert store.config_diff(new, ignore=("name", "execution")) == ["chaos.fail_rate", "enkg.scale"]
     assert store.config_diff(new, ignore=("chaos",)) == ["enkg.scale", "execution.num_workers", "name"]
     assert store.config_diff(CONFIG) == []
     store.close()
