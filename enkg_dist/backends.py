@@ -38,7 +38,9 @@ class Evaluator:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
     def __call__(self, x_hat: torch.Tensor):
+        """(psi, ok) as CPU tensors, whatever device the forward model or the particles use."""
         res = self.evaluate(x_hat)
+        res = ForwardResult(res.psi.detach().cpu(), res.ok.cpu(), res.reasons)
         J = x_hat.shape[0]
         self.last = res
         self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
@@ -58,9 +60,12 @@ class Evaluator:
 
 
 def local_forward(G, batch_size: int = 0):
-    """forward(x, on_result) in this process, in chunks of batch_size members (0: all at once)."""
+    """forward(x, on_result) in this process, in chunks of batch_size members (0: all at once). Particles on a GPU
+    reach G there when G can run on one (`G.on_gpu`), else they are moved to the CPU first."""
 
     def forward(x: torch.Tensor, on_result=None) -> ForwardResult:
+        if x.device.type != "cpu" and not getattr(G, "on_gpu", False):
+            x = x.detach().cpu()
         J = x.shape[0]
         step = batch_size or J
         parts = []
@@ -68,9 +73,9 @@ def local_forward(G, batch_size: int = 0):
             rows = list(range(s, min(s + step, J)))
             res = safe_evaluate(G, x[s : s + step], rows)
             if on_result is not None:
-                on_result(rows, res.psi.numpy(), res.ok.numpy(), list(res.reasons))
+                on_result(rows, res.psi.detach().cpu().numpy(), res.ok.cpu().numpy(), list(res.reasons))
             parts.append(res)
-        return ForwardResult(torch.cat([p.psi for p in parts]), torch.cat([p.ok for p in parts]),
+        return ForwardResult(torch.cat([p.psi.cpu() for p in parts]), torch.cat([p.ok.cpu() for p in parts]),
                              [r for p in parts for r in p.reasons])
 
     return forward
@@ -81,15 +86,17 @@ def local_backend(prior, problem, batch_size: int = 0) -> Backend:
     return Backend("local", prior.denoise, local_forward(problem.forward, batch_size))
 
 
-def ray_backend(prior, problem, ex, address: str | None) -> Backend:
-    """Prior actors and a simulator worker pool on a Ray cluster (embedded local Ray when no address)."""
+def ray_backend(prior, problem, ex, address: str | None, prior_device: str = "auto") -> Backend:
+    """Prior actors and a simulator worker pool on a Ray cluster (embedded local Ray when no address);
+    `prior_device` (the config's prior.device) is resolved by each prior actor against its own GPU grant."""
     from enkg_dist.distributed import cluster
     from enkg_dist.distributed.metrics import pool_metrics
     from enkg_dist.distributed.pool import PoolOptions, WorkerPool
     from enkg_dist.distributed.prior import RemotePrior
 
     cluster.connect(address or ex.address, num_cpus=ex.num_cpus, dashboard=ex.dashboard)
-    remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1)
+    remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1,
+                               device=prior_device)
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
         resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,

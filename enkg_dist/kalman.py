@@ -1,6 +1,8 @@
 """Ensemble Kalman updates on (J, d) particles and (J, m) forward outputs, in the J x J form; never d x d.
 
-Pure maths: arrays in, arrays out; the forward model is never called here (EnsembleKalmanProcesses.jl style).
+With a localiser the gain is rho o C_xpsi, applied in blocks of state rows (enkg_dist.localisation): no J x J form
+then, and never d x m at once. Pure maths: arrays in, arrays out; the forward model is never called here
+(EnsembleKalmanProcesses.jl style).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from enkg_dist.localisation import Localiser, localised_apply, localised_output_covariance
 from enkg_dist.noise import NoiseCovariance
 
 STEP_RULES = ("frobenius", "trace")
@@ -86,13 +89,15 @@ def enkg_update(
     rule: str = "frobenius",
     guard: float | None = 1.0,
     ok: torch.Tensor | None = None,
+    localiser: Localiser | None = None,
 ) -> tuple[torch.Tensor, UpdateInfo]:
     """EnKG corrector x_j <- x_j - w C_xpsi Gamma^{-1} (psi_j - y) (EnKG eq. 9-10), as Delta = A (X - mean X).
 
     A_jk = (1/J) <Gamma^{-1/2}(psi_j - y), Gamma^{-1/2}(psi_k - mean psi)>.  Step w = s/|A|_F (the authors' code) or
     s/tr(C_psipsi) (the paper), both with Gamma-whitened outputs. `guard` caps w at guard/tr(C_psipsi): no step is
     longer than the paper's rule at scale `guard`, which keeps small ensembles from collapsing. Members with
-    ok=False take no part and are returned unchanged.
+    ok=False take no part and are returned unchanged. With a `localiser`, Delta_j = (rho o C_xpsi) Gamma^{-1}
+    (psi_j - y) in blocks; w is unchanged (tr C_psipsi uses the diagonal, which rho_psipsi keeps).
     """
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}; allowed: {', '.join(STEP_RULES)}")
@@ -115,7 +120,10 @@ def enkg_update(
     guarded = False
     if guard is not None and trace_Cpp > 0 and w > guard / trace_Cpp:
         w, guarded = guard / trace_Cpp, True
-    delta = A @ anomalies(X)
+    if localiser is None:
+        delta = A @ anomalies(X)
+    else:
+        delta = localised_apply(anomalies(X), anomalies(ps), Gamma.inverse(ps - y), localiser)
     X_new = (X - w * delta).reshape(xs.shape)
     info = UpdateInfo(w, norm_A, trace_Cpp, norm_Cpp, n, float((R**2).sum(1).mean()) / R.shape[1], guarded)
     return _put_back(x, idx, X_new), info
@@ -129,11 +137,14 @@ def eki_update(
     dt: float = 1.0,
     perturbation: torch.Tensor | None = None,
     ok: torch.Tensor | None = None,
+    localiser: Localiser | None = None,
 ) -> tuple[torch.Tensor, UpdateInfo]:
     """EKI / EnKF analysis x_j <- x_j + C_xpsi (C_psipsi + Gamma/dt)^{-1} (y + eta_j - psi_j) (Iglesias et al. 2013).
 
     J x J form by Woodbury: Delta X = -R~ P~^T (J/dt I + P~ P~^T)^{-1} (X - mean X), with Gamma-whitened residuals
     R~ and anomalies P~; `perturbation` eta (J, m) gives the stochastic variant (pass it already coloured by Gamma/dt).
+    With a `localiser`: (rho o C_xpsi)(rho_psipsi o C_psipsi + Gamma/dt)^{-1}, an m x m solve (Houtekamer &
+    Mitchell 2001), the gain applied in blocks.
     """
     idx, xs, ps = _taking_part(x, psi, y, ok)
     n = xs.shape[0]
@@ -142,10 +153,17 @@ def eki_update(
     R = Gamma.whiten(ps - target)
     P = Gamma.whiten(anomalies(ps))
     S = P @ P.T
-    M = S + (n / dt) * torch.eye(n, dtype=S.dtype, device=S.device)
-    coef = torch.linalg.solve(M, (R @ P.T).T).T  # R~ P~^T M^{-1}  (M symmetric)
-    X_new = (X - coef @ anomalies(X)).reshape(xs.shape)
-    info = UpdateInfo(1.0, float(torch.linalg.matrix_norm(coef)), float(torch.diagonal(S).sum()) / n,
+    if localiser is None:
+        M = S + (n / dt) * torch.eye(n, dtype=S.dtype, device=S.device)
+        coef = torch.linalg.solve(M, (R @ P.T).T).T  # R~ P~^T M^{-1}  (M symmetric)
+        X_new = (X - coef @ anomalies(X)).reshape(xs.shape)
+    else:
+        Pa = anomalies(ps)
+        M = localised_output_covariance(Pa, localiser) + Gamma.dense().to(Pa) / dt
+        V = torch.linalg.solve(M, (ps - target).T).T  # (n, m): M^{-1} (psi_j - y - eta_j)
+        X_new = (X - localised_apply(anomalies(X), Pa, V, localiser)).reshape(xs.shape)
+        coef = torch.zeros((), dtype=X.dtype)
+    info = UpdateInfo(1.0, float(coef.norm()), float(torch.diagonal(S).sum()) / n,
                       float(torch.linalg.matrix_norm(S)) / n, n, float((R**2).sum(1).mean()) / R.shape[1], False)
     return _put_back(x, idx, X_new), info
 
@@ -166,5 +184,5 @@ def resample_failed(x: torch.Tensor, ok: torch.Tensor, z: torch.Tensor) -> torch
     Xg = x[good].reshape(len(good), -1)
     mean = Xg.mean(0, keepdim=True)
     out = x.clone()
-    out[bad] = (mean + z.to(Xg.dtype) @ (Xg - mean) / (len(good) - 1) ** 0.5).reshape(len(bad), *x.shape[1:])
+    out[bad] = (mean + z.to(device=Xg.device, dtype=Xg.dtype) @ (Xg - mean) / (len(good) - 1) ** 0.5).reshape(len(bad), *x.shape[1:])
     return out

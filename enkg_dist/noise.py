@@ -64,6 +64,14 @@ class NoiseCovariance:
         rows = r.reshape(-1, self.m).T
         return torch.linalg.solve_triangular(v, rows, upper=False).T.reshape(r.shape)
 
+    def inverse(self, r: torch.Tensor) -> torch.Tensor:
+        """Gamma^{-1} r along the last axis (= L^{-T} L^{-1} r)."""
+        self._check(r)
+        v = self.value.to(device=r.device, dtype=r.dtype)
+        if self.kind in ("scalar", "diagonal"):
+            return r / v
+        return torch.cholesky_solve(r.reshape(-1, self.m).T, v, upper=False).T.reshape(r.shape)
+
     def color(self, z: torch.Tensor) -> torch.Tensor:
         """L z: turns standard normal draws into N(0, Gamma) draws."""
         self._check(z)

@@ -68,7 +68,7 @@ class RecordingEvaluator(Evaluator):
             self.n_evals += len(todo)
             with self.store.write_window():  # the previous step's commit is written while the simulators run
                 res = self.forward(x_hat[idx], on_result=lambda rows, p, o, r: self._record(k, idx[rows], p, o, r))
-            psi[idx], ok[idx] = res.psi.to(x_hat.dtype), res.ok
+            psi[idx], ok[idx] = res.psi.to(device=psi.device, dtype=x_hat.dtype), res.ok.cpu()
             for j, r in zip(todo, res.reasons):
                 reasons[j] = r
         return ForwardResult(psi, ok, reasons)

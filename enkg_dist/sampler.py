@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from enkg_dist import kalman, rng, schedules
+from enkg_dist import inflation, kalman, rng, schedules
+from enkg_dist.localisation import Localiser
 from enkg_dist.noise import NoiseCovariance
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
@@ -40,6 +41,8 @@ class EnKGConfig:
     ode_max_steps: int = 20
     predictor: str = "euler"
     failure_policy: str = "keep"  # failed members: "keep" unmoved, or "resample" (SampleSuccGauss)
+    inflation: str = "none"  # spread control after the K corrections: "none", "multiplicative", "rtps"
+    inflation_factor: float = 1.0  # lambda of multiplicative inflation, or alpha of RTPS
 
     def __post_init__(self):
         if self.step_rule not in kalman.STEP_RULES:
@@ -48,6 +51,8 @@ class EnKGConfig:
             raise ValueError(f"predictor {self.predictor!r} not in {PREDICTORS}")
         if self.failure_policy not in kalman.FAILURE_POLICIES:
             raise ValueError(f"failure_policy {self.failure_policy!r} not in {kalman.FAILURE_POLICIES}")
+        if self.inflation not in inflation.KINDS:
+            raise ValueError(f"inflation {self.inflation!r} not in {inflation.KINDS}")
         if self.num_steps < 1 or self.num_corrections < 0:
             raise ValueError("num_steps must be >= 1 and num_corrections >= 0")
 
@@ -64,7 +69,7 @@ class Correction:
     """What one corrector pass saw and did."""
 
     k: int
-    psi: torch.Tensor  # (J, m) forward outputs (rows of failed members are whatever evaluate returned)
+    psi: torch.Tensor  # (J, m) forward outputs on the particles' device (rows of failed members zeroed)
     ok: torch.Tensor  # (J,) bool
     info: kalman.UpdateInfo
     n_ode: int
@@ -115,13 +120,16 @@ def initial_particles(seed: int, J: int, shape, sigma_max: float, dtype=torch.fl
     return rng.member_normal(seed, rng.INIT, range(J), shape, dtype=dtype) * sigma_max
 
 
-def _check_evaluation(psi: torch.Tensor, ok: torch.Tensor, J: int, m: int) -> torch.Tensor:
-    if psi.shape != (J, m):
-        raise ValueError(f"forward outputs have shape {tuple(psi.shape)}, expected ({J}, {m})")
-    ok = torch.as_tensor(ok, dtype=torch.bool).reshape(-1) & torch.isfinite(psi).all(dim=1)
+def _check_evaluation(psi: torch.Tensor, ok: torch.Tensor, J: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(psi, ok) on y's device and dtype, failed rows zeroed: outputs may come back on the CPU in float64 while the
+    particles live elsewhere (the one place the driver takes them in)."""
+    if psi.shape != (J, y.shape[0]):
+        raise ValueError(f"forward outputs have shape {tuple(psi.shape)}, expected ({J}, {y.shape[0]})")
+    psi = psi.to(device=y.device, dtype=y.dtype)
+    ok = torch.as_tensor(ok, dtype=torch.bool).reshape(-1).to(y.device) & torch.isfinite(psi).all(dim=1)
     if ok.shape != (J,):
         raise ValueError(f"ok mask has shape {tuple(ok.shape)}, expected ({J},)")
-    return ok
+    return torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype, device=psi.device)), ok
 
 
 def corrector(
@@ -134,9 +142,12 @@ def corrector(
     Gamma: NoiseCovariance,
     cfg: EnKGConfig,
     seed: int,
+    localiser: Localiser | None = None,
 ) -> tuple[torch.Tensor, list[Correction]]:
-    """K guided updates at noise level sigma_i (EnKG eq. 10): x_hat0 map, forward runs, Kalman step, failure policy."""
+    """K guided updates at noise level sigma_i (EnKG eq. 10): x_hat0 map, forward runs, Kalman step (localised when
+    a localiser is given), failure policy; then the spread control against the spread before the K updates."""
     J = x.shape[0]
+    x_before, ok_all = x, torch.ones(J, dtype=torch.bool, device=x.device)
     n_ode = schedules.inner_ode_steps(i, cfg.num_steps, cfg.ode_divisor, cfg.ode_max_steps)
     s_i = schedules.guidance_scale(i, cfg.num_steps, cfg.scale, cfg.lr_min_ratio)
     out = []
@@ -145,25 +156,28 @@ def corrector(
             x_hat = denoise.x_hat_map(x, sigma, n_ode, cfg.sigma_min, cfg.rho)
         else:
             x_hat = x_hat_map(denoise, x, sigma, n_ode, cfg.sigma_min, cfg.rho)
-        psi, ok = evaluate(x_hat)
-        ok = _check_evaluation(psi, ok, J, y.shape[0])
-        psi_clean = torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype))
-        x, info = kalman.enkg_update(x, psi_clean, y, Gamma, s_i, cfg.step_rule, cfg.guard, ok)
+        psi, ok = _check_evaluation(*evaluate(x_hat), J, y)
+        x, info = kalman.enkg_update(x, psi, y, Gamma, s_i, cfg.step_rule, cfg.guard, ok, localiser)
+        ok_all &= ok
         if cfg.failure_policy == "resample" and not bool(ok.all()):
             bad = (~ok).nonzero().reshape(-1).tolist()
             z = torch.cat([rng.member_normal(seed, rng.RESAMPLE, [j], (int(ok.sum()),), i, k) for j in bad])
             x = kalman.resample_failed(x, ok, z)
         out.append(Correction(k, psi, ok, info, n_ode))
+    if out and cfg.inflation != "none":
+        keep = ok_all if cfg.failure_policy == "keep" else None  # resampled members count as updated
+        x = inflation.apply(cfg.inflation, cfg.inflation_factor, x_before, x, keep)
     return x, out
 
 
-def enkg_step(denoise, evaluate, x, i, y, Gamma, cfg: EnKGConfig, seed: int = 0, sigmas=None) -> StepRecord:
+def enkg_step(denoise, evaluate, x, i, y, Gamma, cfg: EnKGConfig, seed: int = 0, sigmas=None,
+              localiser: Localiser | None = None) -> StepRecord:
     """Step i of EnKG: corrector inside the guidance window, then the predictor to sigma_{i+1}."""
     sigmas = cfg.sigmas() if sigmas is None else sigmas
     sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
     corrections = []
     if cfg.guided(i) and cfg.num_corrections > 0:
-        x, corrections = corrector(denoise, evaluate, x, i, sigma, y, Gamma, cfg, seed)
+        x, corrections = corrector(denoise, evaluate, x, i, sigma, y, Gamma, cfg, seed, localiser)
     if hasattr(denoise, "predict"):
         x = denoise.predict(x, sigma, sigma_next, cfg.predictor)
     else:
@@ -181,12 +195,13 @@ def enkg_sample(
     seed: int = 0,
     callback: Callable[[StepRecord], None] | None = None,
     start: int = 0,
+    localiser: Localiser | None = None,
 ) -> torch.Tensor:
     """Run EnKG from step `start` (x_T are the particles at sigma_start) to sigma = 0; returns the J particles."""
     sigmas = cfg.sigmas()
     x = x_T
     for i in range(start, cfg.num_steps):
-        rec = enkg_step(denoise, evaluate, x, i, y, Gamma, cfg, seed, sigmas)
+        rec = enkg_step(denoise, evaluate, x, i, y, Gamma, cfg, seed, sigmas, localiser)
         x = rec.x
         if callback is not None:
             callback(rec)
@@ -213,24 +228,28 @@ def eki_step(
     seed: int = 0,
     stochastic: bool = False,
     tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    localiser: Localiser | None = None,
+    spread: tuple[str, float] = ("none", 1.0),
 ) -> tuple[torch.Tensor, kalman.UpdateInfo]:
-    """Iteration n of ensemble Kalman inversion (Iglesias, Law, Stuart 2013); see `eki`."""
+    """Iteration n of ensemble Kalman inversion (Iglesias, Law, Stuart 2013); see `eki`. `localiser` localises the
+    gain (not with `tikhonov`), `spread` = (inflation kind, factor) follows the update."""
     J = x.shape[0]
-    psi, ok = evaluate(x)
-    ok = _check_evaluation(psi, ok, J, y.shape[0])
-    psi = torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype))
+    psi, ok = _check_evaluation(*evaluate(x), J, y)
     target, whitener = y, Gamma
     if tikhonov is not None:
         m0, prior_whiten = tikhonov
         psi = torch.cat([psi, x.reshape(J, -1)], dim=1)
-        target = torch.cat([y, m0.reshape(-1).to(y.dtype)])
+        target = torch.cat([y, m0.reshape(-1).to(device=y.device, dtype=y.dtype)])
         whitener = _Stacked(Gamma, prior_whiten, y.shape[0])
     eta = None
     if stochastic:
-        z = rng.member_normal(seed, rng.PERTURB, range(J), (y.shape[0],), n, dtype=y.dtype)
+        z = rng.member_normal(seed, rng.PERTURB, range(J), (y.shape[0],), n, dtype=y.dtype).to(y.device)
         eta = torch.zeros_like(psi)
         eta[:, : y.shape[0]] = Gamma.color(z) / dt**0.5
-    return kalman.eki_update(x, psi, target, whitener, dt, eta, ok)
+    if localiser is not None and tikhonov is not None:
+        raise ValueError("localisation is not available with Tikhonov-EKI (the stacked prior block is d x d)")
+    x_new, info = kalman.eki_update(x, psi, target, whitener, dt, eta, ok, localiser)
+    return inflation.apply(spread[0], spread[1], x, x_new, ok), info
 
 
 def eki(
@@ -245,6 +264,8 @@ def eki(
     tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     callback: Callable[[int, torch.Tensor, kalman.UpdateInfo], None] | None = None,
     start: int = 0,
+    localiser: Localiser | None = None,
+    spread: tuple[str, float] = ("none", 1.0),
 ) -> torch.Tensor:
     """Ensemble Kalman inversion from the ensemble x0 (at iteration `start`), Iglesias, Law, Stuart 2013.
 
@@ -254,7 +275,7 @@ def eki(
     """
     x = x0
     for n in range(start, n_iter):
-        x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov)
+        x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov, localiser, spread)
         if callback is not None:
             callback(n, x, info)
     return x

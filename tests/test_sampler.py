@@ -172,3 +172,30 @@ def test_one_shot_enkf_reaches_the_sampling_floor():
         bayes = relative_l2(post.mean(problem.y)[None], problem.x_true)[0]
         ratios.append(float(relative_l2(x.mean(0, keepdim=True), problem.x_true)[0] / bayes))
     assert 1.3 < np.mean(ratios) < 1.8, ratios
+
+
+def test_outputs_in_float64_on_the_cpu_meet_float32_particles():
+    """The evaluation boundary: a simulator answering in float64 (as Ray workers and external programs do) drives
+    float32 particles; the step equals the one taken with float32 outputs, and stays float32."""
+    problem, prior, _ = make_problem(n=16, k=2, noise_std=0.1, truth_seed=0)
+    y32 = problem.y.float()
+    cfg = sampler.EnKGConfig(num_steps=10, scale=1.0, failure_policy="resample")
+    x = sampler.initial_particles(0, 6, prior.state_shape, cfg.sigma_max, torch.float32)
+
+    def as64(x_hat):
+        r = problem.forward(x_hat.double())
+        ok = r.ok.clone()
+        ok[2] = False  # one failed member: the resample draw meets the particles too
+        return r.psi, ok
+
+    def as32(x_hat):
+        psi, ok = as64(x_hat)
+        return psi.float(), ok
+
+    a = sampler.enkg_step(prior.denoise, as64, x, 3, y32, problem.Gamma, cfg, seed=1)
+    b = sampler.enkg_step(prior.denoise, as32, x, 3, y32, problem.Gamma, cfg, seed=1)
+    assert a.x.dtype == torch.float32 and torch.allclose(a.x, b.x, rtol=1e-5, atol=1e-5)
+    assert a.corrections[0].psi.dtype == torch.float32 and not bool(a.corrections[0].ok[2])
+    eki_x, _ = sampler.eki_step(as64, prior.sample(torch.randn(6, 1, 16, 16)).float(), 0, y32, problem.Gamma,
+                                stochastic=True, tikhonov=(prior.mean, prior.whiten))
+    assert eki_x.dtype == torch.float32 and bool(torch.isfinite(eki_x).all())

@@ -1,5 +1,11 @@
 """Prior actors: hold the diffusion prior (one GPU each where there are GPUs) and run the x_hat0 map and the
-predictor for shards of the ensemble; `RemotePrior` makes them look like a local denoiser to the sampler."""
+predictor for shards of the ensemble; `RemotePrior` makes them look like a local denoiser to the sampler.
+
+The driver sends the prior with its weights on the CPU; each actor moves it to its own device (`prior.device`
+resolved against the GPUs Ray gave that actor, never against the driver's hardware). Members are batched by global
+index (`devices.member_chunks`), so a member's network batch, and hence its bits, do not depend on the number of
+actors.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import ray
 import torch
 
 from enkg_dist import sampler
+from enkg_dist.devices import actor_device, member_chunks, repeatable
 
 
 def _build(spec):
@@ -17,14 +24,19 @@ def _build(spec):
 class PriorWorker:
     """One copy of the prior; methods take and return numpy arrays (zero-copy through the object store)."""
 
-    def __init__(self, spec, device: str = "cpu"):
+    def __init__(self, spec, device: str = "auto"):
         self.prior = _build(spec)
-        self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = actor_device(device, has_gpu=bool(ray.get_gpu_ids()) if ray.is_initialized() else False)
+        repeatable(self.device)
         if hasattr(self.prior, "to"):
             self.prior = self.prior.to(self.device)
 
+    def where(self) -> str:
+        """The device this actor's prior runs on."""
+        return str(self.device)
+
     def _t(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(x)).to(self.device)
+        return torch.from_numpy(np.array(x))  # the prior moves its input to its device and back
 
     def denoise(self, x: np.ndarray, sigma: float) -> np.ndarray:
         return self.prior.denoise(self._t(x), sigma).cpu().numpy()
@@ -40,19 +52,25 @@ RemotePriorWorker = ray.remote(PriorWorker)
 
 
 class RemotePrior:
-    """A denoiser whose work is split over prior actors in contiguous shards (member order kept)."""
+    """A denoiser whose work is split over prior actors in shards of whole global batches (member order kept)."""
 
-    def __init__(self, spec, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0):
-        device = "cuda" if num_gpus > 0 else "cpu"
+    def __init__(self, spec, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
+                 device: str = "auto"):
+        self.max_batch = getattr(spec, "max_batch", None)
         self._spec = ray.put(spec)  # kept referenced: a restarted actor (after a node loss) is built from it again
         self.actors = [RemotePriorWorker.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3,
                                                  max_task_retries=3).remote(self._spec, device)
                        for _ in range(num_actors)]
 
     def _map(self, method: str, x: torch.Tensor, *args) -> torch.Tensor:
-        shards = np.array_split(x.detach().cpu().numpy(), len(self.actors))
-        refs = [getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards) if len(s)]
+        xn = x.detach().cpu().numpy()
+        shards = [c for c in member_chunks(xn.shape[0], self.max_batch, len(self.actors))]
+        refs = [getattr(a, method).remote(xn[c[0][0] : c[-1][1]], *args) for a, c in zip(self.actors, shards) if c]
         return torch.from_numpy(np.concatenate(ray.get(refs))).to(x.device)
+
+    def devices(self) -> list[str]:
+        """Where each actor's prior runs."""
+        return ray.get([a.where.remote() for a in self.actors])
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         return self._map("denoise", x, float(sigma))

@@ -21,7 +21,16 @@ class SimulatorWorker:
 
     def __init__(self, spec):
         self.G = build_forward(spec)
+        if ray.get_gpu_ids():  # Ray set CUDA_VISIBLE_DEVICES to this worker's GPUs: cuda:0 is the first of them
+            self.G = self.G.for_device(torch.device("cuda"))
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+
+    def device(self) -> str:
+        """Where this worker's forward model computes (for checks and logs)."""
+        G = self.G
+        while hasattr(G, "inner"):  # wrappers such as the chaos model
+            G = G.inner
+        return str(getattr(G, "device", None) or "cpu")
 
     def pid(self) -> int:
         return os.getpid()

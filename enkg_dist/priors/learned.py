@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from enkg_dist.devices import resolve_device
 from enkg_dist.priors.checkpoint import load_denoiser
 from enkg_dist.priors.unet import EDMDenoiser
 
@@ -31,32 +32,31 @@ def checkpoint_path(spec: str) -> Path:
     return Path(__file__).resolve().parents[1] / "assets" / BUILTIN[name]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; ValueError when cuda is asked for and there is none."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("'cuda' was asked but no CUDA device is available")
-    return device
-
-
 class CompiledOrEager:
-    """`torch.compile(module)` that falls back to the eager module, with a warning, when compiling fails."""
+    """`torch.compile(module)` that falls back to the eager module, with a warning, when compiling fails.
+
+    A call that fails compiled is repeated eagerly: only when the eager call succeeds is the compiler blamed and
+    compile switched off. An out-of-memory error, or an error the eager module raises too, propagates unchanged and
+    leaves compile on.
+    """
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
         self.compiled = torch.compile(module)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly
-                warnings.warn(f"torch.compile failed, running eagerly: {(str(e).splitlines() or [''])[0]}",
-                              RuntimeWarning, stacklevel=2)
-                self.compiled = None
-        return self.module(*args, **kwargs)
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure, or the module's own error (the eager call says)
+            out = self.module(*args, **kwargs)
+            warnings.warn(f"torch.compile failed, running eagerly: {(str(e).splitlines() or [''])[0]}",
+                          RuntimeWarning, stacklevel=2)
+            self.compiled = None
+            return out
 
 
 class LearnedPrior:
@@ -69,6 +69,9 @@ class LearnedPrior:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.device, self.precision, self.max_batch, self.meta = resolve_device(device), precision, max_batch, meta
+        if precision == "bfloat16" and self.device.type != "cuda":
+            warnings.warn("bfloat16 autocast on the CPU: slow and untuned; it is meant for CUDA", RuntimeWarning,
+                          stacklevel=2)
         self.dtype = PRECISIONS[precision]
         first = next(model.parameters())
         if first.dtype != self.dtype or first.device != self.device:  # a converted copy: the caller's model stays

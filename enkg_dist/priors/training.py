@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -31,8 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from enkg_dist import rng
+from enkg_dist.devices import hardware_kind, repeatable, resolve_device
 from enkg_dist.priors.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from enkg_dist.priors.learned import resolve_device
 from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
 
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
@@ -124,16 +125,16 @@ def kolmogorov_transform(x: torch.Tensor, a: torch.Tensor, k: torch.Tensor, r: t
 def kolmogorov_augment(x: torch.Tensor, gen: torch.Generator, forcing_wavenumber: int) -> torch.Tensor:
     """A uniformly random symmetry g = T_a S^k R^r (a < n, k < 2 k_f, r < 2) applied to each member."""
     b, n, dev = x.shape[0], x.shape[-1], x.device
-    a = torch.randint(n, (b,), generator=gen, device=dev)
-    k = torch.randint(2 * forcing_wavenumber, (b,), generator=gen, device=dev)
-    r = torch.randint(2, (b,), generator=gen, device=dev)
+    a = torch.randint(n, (b,), generator=gen).to(dev)
+    k = torch.randint(2 * forcing_wavenumber, (b,), generator=gen).to(dev)
+    r = torch.randint(2, (b,), generator=gen).to(dev)
     return kolmogorov_transform(x, a, k, r, forcing_wavenumber)
 
 
 def edm_loss(model, x0: torch.Tensor, gen: torch.Generator, cfg: TrainConfig, sigma_data: float) -> torch.Tensor:
     """Per-member EDM loss λ(σ) mean‖D(x0 + σ n; σ) − x0‖², ln σ ~ N(P_mean, P_std²), λ = (σ² + σ_d²)/(σ σ_d)²."""
-    sigma = (torch.randn(x0.shape[0], generator=gen, device=x0.device) * cfg.p_std + cfg.p_mean).exp()
-    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+    sigma = (torch.randn(x0.shape[0], generator=gen).to(x0.device) * cfg.p_std + cfg.p_mean).exp()
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     d = model(x0 + sigma[:, None, None, None] * noise, sigma, amp_dtype(cfg))
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     return weight * ((d - x0) ** 2).mean(dim=(1, 2, 3))
@@ -259,6 +260,7 @@ def train(cfg: TrainConfig, data: torch.Tensor, out_dir, val: torch.Tensor | Non
     if ckpt.exists() and not resume:
         raise ValueError(f"{out_dir} already holds a training checkpoint; resume it or choose another output")
     rank, world, device, started = _distributed(resolve_device(cfg.device))
+    repeatable(device, training=True)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -287,9 +289,9 @@ def _train_step(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, 
 def rank_loss(run: Run, net, data: torch.Tensor, cfg: TrainConfig, rank: int, world: int, device) -> torch.Tensor:
     """EDM loss (Karras et al. 2022 eq. 2) of rank `rank`'s share of step run.step's batch."""
     s_data, s_drop = rng.torch_seeds(cfg.seed, rng.TRAIN, rank, run.step)
-    gen = torch.Generator(device).manual_seed(s_data)
+    gen = torch.Generator().manual_seed(s_data)  # drawn on the CPU, moved: the same draws on any device
     torch.manual_seed(s_drop)  # dropout draws from the global generator
-    x0 = data[torch.randint(data.shape[0], (cfg.batch_size // world,), generator=gen, device=device)]
+    x0 = data[torch.randint(data.shape[0], (cfg.batch_size // world,), generator=gen).to(device)]
     if cfg.augment == "kolmogorov":
         x0 = kolmogorov_augment(x0, gen, cfg.forcing_wavenumber)
     return edm_loss(net, x0, gen, cfg, run.model.config.sigma_data).mean()
@@ -316,8 +318,12 @@ def _train(cfg, model_cfg, data, val, data_info, out_dir, ckpt, rank, world, dev
     if ckpt is not None:
         meta, state = load_checkpoint(ckpt)
         _check_resume(meta["train"], cfg, model_cfg, ckpt)
+        if meta.get("hardware", hardware_kind(device)) != hardware_kind(device):
+            warnings.warn(f"{ckpt}: resuming on {hardware_kind(device)} a run trained on {meta['hardware']}: the "
+                          "weights will not be bit-identical to an uninterrupted run", RuntimeWarning, stacklevel=2)
         run.load(state)
-    meta = {"kind": "training", "world_size": world, "unet": model_cfg.model_dump(mode="json"),
+    meta = {"kind": "training", "world_size": world, "hardware": hardware_kind(device),
+            "unet": model_cfg.model_dump(mode="json"),
             "train": {**cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")},
             "data": {"num_samples": int(data.shape[0]), "mean": float(data.mean()), "std": float(data.std()),
                      **data_info}}

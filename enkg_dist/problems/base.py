@@ -23,7 +23,7 @@ class ForwardResult:
     def from_outputs(cls, psi: torch.Tensor) -> ForwardResult:
         """Marks rows with non-finite values as failed."""
         ok = torch.isfinite(psi).all(dim=1)
-        return cls(psi, ok, [None if bool(o) else "non-finite forward output" for o in ok])
+        return cls(psi, ok, [None if o else "non-finite forward output" for o in ok.tolist()])  # one device sync
 
 
 class ForwardModel(ABC):
@@ -32,6 +32,17 @@ class ForwardModel(ABC):
 
     state_shape: tuple[int, ...]
     obs_size: int
+    on_gpu: bool = False  # whether __call__ takes CUDA tensors (and computes where they are)
+
+    def geometry(self):
+        """Where the state's entries and the observations sit (`localisation.Geometry`), for distance-based
+        localisation; None for a model that declares none."""
+        return None
+
+    def for_device(self, device: torch.device) -> ForwardModel:
+        """This model computing on `device` (a simulator worker's GPU), taking and returning CPU tensors; a model
+        that cannot returns itself (an external program sees its GPUs through CUDA_VISIBLE_DEVICES instead)."""
+        return self
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:

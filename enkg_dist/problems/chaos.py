@@ -31,7 +31,15 @@ class ChaosForward(ForwardModel):
             raise ValueError(f"unknown chaos modes {sorted(bad)}; allowed: {', '.join(MODES)}")
         self.inner, self.fail_rate, self.modes, self.seed = inner, fail_rate, tuple(modes), seed
         self.hang_seconds, self.delay, self.log = hang_seconds, delay, log
-        self.state_shape, self.obs_size = inner.state_shape, inner.obs_size
+        self.state_shape, self.obs_size, self.on_gpu = inner.state_shape, inner.obs_size, inner.on_gpu
+
+    def geometry(self):
+        return self.inner.geometry()
+
+    def for_device(self, device: torch.device) -> ChaosForward:
+        """The same failures around the inner model on `device`."""
+        return ChaosForward(self.inner.for_device(device), self.fail_rate, self.modes, self.seed, self.hang_seconds,
+                            self.delay, self.log)
 
     def _hash(self, row: torch.Tensor) -> int:
         h = hashlib.blake2b(row.detach().cpu().numpy().tobytes(), digest_size=8, key=str(self.seed).encode())

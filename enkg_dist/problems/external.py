@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from enkg_dist.localisation import Geometry
 from enkg_dist.problems.base import ForwardModel, ForwardResult
 
 _PLACEHOLDER = re.compile(r"\{(input|output|workdir|member|ranks)\}")
@@ -102,10 +103,17 @@ class ExternalProgramForward(ForwardModel):
         self.env = dict(env or {})
         self.keep_workdirs, self.keep_failed = keep_workdirs, keep_failed
         self.cwd, self.kill_grace = cwd, kill_grace
+        self.obs_coordinates = None  # (m, 2) grid coordinates of the outputs, when declared (for localisation)
         self.last_failures: dict[int, str] = {}  # member -> reason, command, work directory and stderr tail
         self._live: dict[int, subprocess.Popen] = {}  # pid -> running program, for killing on an interrupt
         self._lock = threading.Lock()
         self._aborting = False
+
+    def geometry(self):
+        """A (C, n, n) state on the periodic n x n grid with the declared output coordinates, or None."""
+        if self.obs_coordinates is None or len(self.state_shape) != 3 or self.state_shape[1] != self.state_shape[2]:
+            return None
+        return Geometry(self.state_shape[1], self.state_shape[0], self.obs_coordinates)
 
     def __getstate__(self) -> dict:
         """Picklable (for shipping to workers): the lock and the running-program table are per process."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from enkg_dist.localisation import grid_geometry
 from enkg_dist.noise import NoiseCovariance
 from enkg_dist.priors.gaussian import GaussianFieldPrior, wavenumbers
 from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem
@@ -16,6 +17,8 @@ from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem
 
 class SubsampleBlur(ForwardModel):
     """G(x) = S_k(B x): blur by exp(-|k|^2 w^2 / 2) (w in domain units of [0, 2pi]), then keep every k-th point."""
+
+    on_gpu = True  # FFTs and slicing on whatever device x is on
 
     def __init__(self, n: int, k: int, blur: float = 0.0):
         if n % k:
@@ -25,6 +28,10 @@ class SubsampleBlur(ForwardModel):
         self.obs_size = (n // k) ** 2
         k1, k2 = wavenumbers(n)
         self.b = torch.exp(-0.5 * (k1**2 + k2**2) * self.blur**2)
+
+    def geometry(self):
+        """The n x n state grid; observations at every k-th point (blur does not move them)."""
+        return grid_geometry(self.n, self.k)
 
     def blur_field(self, x: torch.Tensor) -> torch.Tensor:
         if self.blur == 0.0:

@@ -34,9 +34,11 @@ def test_denoiser_is_the_exact_posterior_mean(prior, sigma):
 
 
 def test_denoiser_is_batch_independent(prior):
+    """To round-off only: on CPUs with AVX-512, batched FFTs differ from single ones in the last bit (seen here), so
+    the prior actors batch members by global index instead (devices.member_chunks)."""
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     whole = prior.denoise(x, 0.7)
-    assert all(torch.equal(whole[i], prior.denoise(x[i : i + 1], 0.7)[0]) for i in range(5))
+    assert all(torch.allclose(whole[i], prior.denoise(x[i : i + 1], 0.7)[0], rtol=0, atol=1e-14) for i in range(5))
 
 
 def test_whitening(prior):

@@ -57,7 +57,8 @@ def test_float64_precision_and_sampler_step(model, x):
 
 
 def test_bfloat16_autocast_is_close(model, x):
-    p = LearnedPrior(model, device="cpu", precision="bfloat16")
+    with pytest.warns(RuntimeWarning, match="bfloat16 autocast on the CPU"):
+        p = LearnedPrior(model, device="cpu", precision="bfloat16")
     ref = LearnedPrior(model, device="cpu").denoise(x, 0.5)
     assert float((p.denoise(x, 0.5) - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
@@ -97,3 +98,26 @@ def test_compile_failure_falls_back_to_eager(model, x, monkeypatch):
     with pytest.warns(RuntimeWarning, match="torch.compile failed, running eagerly: no compiler here"):
         out = prior.denoise(x, 0.5)
     assert torch.equal(out, LearnedPrior(model, device="cpu").denoise(x, 0.5))
+
+
+def test_an_error_the_eager_module_raises_too_keeps_compile_on(model, x, monkeypatch):
+    """Only a failure that eager mode does not share blames the compiler (an OOM or a bad input must not switch
+    compile off for good)."""
+    calls = []
+
+    def compiled(module):
+        def run(*args, **kwargs):
+            calls.append(1)
+            return module(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", compiled)
+    prior = LearnedPrior(model, device="cpu", compile=True)
+    with pytest.raises(ValueError, match="field shape mismatch"):
+        prior.denoise(torch.zeros(2, 1, 8, 8), 0.5)
+    bad = torch.zeros(2, 1, 16, 16)
+    with pytest.raises(RuntimeError):
+        prior._forward(bad[:, :, :3], torch.ones(2), None)  # the network itself fails, compiled and eager alike
+    assert prior._forward.compiled is not None
+    prior.denoise(x, 0.5)
+    assert len(calls) == 2

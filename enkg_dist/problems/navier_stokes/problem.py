@@ -7,11 +7,13 @@ k-th point in both axes. The relative L2 error of the paper is scale-free, so it
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 
 from enkg_dist import rng
+from enkg_dist.localisation import grid_geometry
 from enkg_dist.noise import NoiseCovariance
 from enkg_dist.priors.gaussian import GaussianFieldPrior
 from enkg_dist.metrics import ensemble_metrics
@@ -46,6 +48,21 @@ class NavierStokesForward(ForwardModel):
         self.state_shape = (1, n, n)
         self.obs_size = (n // k) ** 2
 
+    on_gpu = True
+
+    def for_device(self, device: torch.device) -> NavierStokesForward:
+        """A copy solving on `device`, the whole batch per FFT call off the CPU (member_chunk applies on the CPU)."""
+        other = copy.copy(self)
+        other.device, other._equations = torch.device(device), {}
+        if other.device.type != "cpu":
+            other.chunk = None
+        return other
+
+    def geometry(self):
+        """The n x n grid of w(., 0); observations of w(., T) at every k-th point. The flow carries information
+        over distance during [0, T]: a localisation radius must cover that transport."""
+        return grid_geometry(self.n, self.k)
+
     def observe(self, omega: torch.Tensor) -> torch.Tensor:
         """S_k: fields (B, n, n) -> (B, m), every k-th point in both axes."""
         return omega[..., :: self.k, :: self.k].reshape(omega.shape[0], -1)
@@ -64,7 +81,7 @@ class NavierStokesForward(ForwardModel):
         res = self.solve(x)
         psi = self.observe(res.omega).to(dtype=x.dtype, device=x.device)
         ok = res.ok.to(x.device) & torch.isfinite(psi).all(dim=1)
-        reasons = [r if r is not None or bool(o) else "non-finite forward output" for r, o in zip(res.reasons, ok)]
+        reasons = [r if r is not None or o else "non-finite forward output" for r, o in zip(res.reasons, ok.tolist())]
         return ForwardResult(psi, ok, reasons)
 
 

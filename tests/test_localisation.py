@@ -1,0 +1,219 @@
+"""Localised Kalman gains against dense references, the limits that must give the unlocalised update, bounded memory,
+and the spread controls."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from enkg_dist import inflation, kalman, localisation
+from enkg_dist.localisation import NICE, SEC, GaspariCohn, grid_geometry
+from enkg_dist.noise import NoiseCovariance
+
+
+def _gc_reference(r: float) -> float:
+    """localisation.md's Gaspari-Cohn formula, written out per branch."""
+    r = abs(r)
+    if r <= 1:
+        return -0.25 * r**5 + 0.5 * r**4 + 0.625 * r**3 - 5 / 3 * r**2 + 1
+    if r < 2:
+        return r**5 / 12 - 0.5 * r**4 + 0.625 * r**3 + 5 / 3 * r**2 - 5 * r + 4 - 2 / (3 * r)
+    return 0.0
+
+
+def test_gaspari_cohn_formula_continuity_and_positive_definiteness():
+    r = torch.linspace(0, 2.5, 251, dtype=torch.float64)
+    assert torch.allclose(localisation.gaspari_cohn(r), torch.tensor([_gc_reference(float(v)) for v in r],
+                                                                         dtype=torch.float64), atol=1e-15)
+    for at in (1.0, 2.0):  # continuous where the branches meet
+        lo, hi = localisation.gaspari_cohn(torch.tensor([at - 1e-9, at + 1e-9], dtype=torch.float64))
+        assert abs(float(lo - hi)) < 1e-7
+    assert float(localisation.gaspari_cohn(torch.tensor(0.0))) == 1.0
+    g = grid_geometry(16, 1)  # a taper matrix on the torus is positive semi-definite (GC99: up to 3 dimensions)
+    T = localisation.gaspari_cohn(g.torus(g.obs, g.obs) / 3.0)
+    assert float(torch.linalg.eigvalsh(T).min()) > -1e-10
+
+
+def _ensemble(J=9, n=12, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = (n // k) ** 2
+    X = torch.randn(J, 1, n, n, generator=g, dtype=torch.float64)
+    psi = X[..., ::k, ::k].reshape(J, -1) + 0.3 * torch.randn(J, m, generator=g, dtype=torch.float64)
+    y = torch.randn(m, generator=g, dtype=torch.float64)
+    return X, psi, y
+
+
+def _dense_rho(loc, X, P):
+    """rho over the whole d x m block, from the localiser's own taper on all rows and columns at once."""
+    n, d = X.shape
+    C = X.T @ P / n
+    R = None
+    if loc.needs_correlations:
+        sx, sp = X.pow(2).mean(0).sqrt(), P.pow(2).mean(0).sqrt()
+        R = C / (sx[:, None] * sp[None, :])
+    return loc.taper(torch.arange(d), None, R), C
+
+
+def _nice_literal(R: torch.Tensor, J: int, delta: float = 1.0) -> torch.Tensor:
+    """EKP.jl's SECNice sweep, written plainly on a dense block (noise std by the same quadrature)."""
+    tol = delta * float(localisation.correlation_noise_std(R, J).pow(2).sum().sqrt())
+    g = next((gg for gg in range(2, 11, 2) if float((R ** (gg + 1) - R).norm()) > tol), 10)
+    for a in np.linspace(1.0, 0.0, 10):
+        interp = ((1 - a) * R ** (g - 2) + a * R**g) * R
+        if float((interp - R).norm()) < tol:
+            return interp / R
+    return R ** (g - 1) / R
+
+
+@pytest.mark.parametrize("make", ["gc", "gc_small_tiles", "sec", "sec_cutoff", "nice"])
+def test_blocked_localised_gain_equals_the_dense_product(make, monkeypatch):
+    X, psi, y = _ensemble()
+    J, d, m = X.shape[0], 144, 36
+    geo = grid_geometry(12, 2)
+    loc = {"gc": lambda: GaspariCohn(geo, 2.5), "gc_small_tiles": lambda: GaspariCohn(geo, 2.5, tile=4),
+           "sec": lambda: SEC(1.0), "sec_cutoff": lambda: SEC(2.0, 0.05), "nice": lambda: NICE()}[make]()
+    monkeypatch.setattr(localisation, "BLOCK_ELEMENTS", 200)  # many blocks
+    Xa, Pa = kalman.anomalies(X.reshape(J, -1)), kalman.anomalies(psi)
+    V = torch.randn(J, m, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    stats = localisation.BlockStats()
+    got = localisation.localised_apply(Xa, Pa, V, loc, stats)
+    if make == "nice":
+        C = Xa.T @ Pa / J
+        R = C / (Xa.pow(2).mean(0).sqrt()[:, None] * Pa.pow(2).mean(0).sqrt()[None, :])
+        rho = _nice_literal(R, J)
+    else:
+        rho, C = _dense_rho(loc, Xa, Pa)
+    assert torch.allclose(got, V @ (rho * C).T, rtol=0, atol=1e-10)
+    assert stats.blocks > 1
+    if make.startswith("gc"):  # compact support: not every (pixel, observation) pair is touched
+        assert stats.touched < d * m
+
+
+def test_infinite_radius_gives_the_unlocalised_update():
+    X, psi, y = _ensemble(J=7)
+    Gamma = NoiseCovariance.scalar(0.09, 36)
+    loc = GaspariCohn(grid_geometry(12, 2), math.inf)
+    for rule in ("frobenius", "trace"):
+        ref, info = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule)
+        got, info_l = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, localiser=loc)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-10) and info.weight == info_l.weight
+    ref, _ = kalman.eki_update(X, psi, y, Gamma, dt=0.5)
+    got, _ = kalman.eki_update(X, psi, y, Gamma, dt=0.5, localiser=loc)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-10)
+
+
+def test_full_gamma_enters_as_its_inverse():
+    X, psi, y = _ensemble(J=6)
+    A = torch.randn(36, 36, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    Gamma = NoiseCovariance.full(A @ A.T + 36 * torch.eye(36, dtype=torch.float64))
+    r = torch.randn(4, 36, dtype=torch.float64)
+    assert torch.allclose(Gamma.inverse(r), torch.linalg.solve(Gamma.dense(), r.T).T, atol=1e-12)
+    loc = GaspariCohn(grid_geometry(12, 2), math.inf)
+    ref, _ = kalman.enkg_update(X, psi, y, Gamma, 1.0, "trace")
+    got, _ = kalman.enkg_update(X, psi, y, Gamma, 1.0, "trace", localiser=loc)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-10)
+
+
+def test_localised_eki_equals_the_dense_kalman_gain():
+    X, psi, y = _ensemble(J=8)
+    J = 8
+    Gamma = NoiseCovariance.diagonal(torch.linspace(0.05, 0.2, 36))
+    loc = GaspariCohn(grid_geometry(12, 2), 3.0)
+    got, _ = kalman.eki_update(X, psi, y, Gamma, dt=1.0, localiser=loc)
+    Xa, Pa = kalman.anomalies(X.reshape(J, -1)), kalman.anomalies(psi)
+    rho_xp, C_xp = _dense_rho(loc, Xa, Pa)
+    g = loc.geometry
+    rho_pp = localisation.gaspari_cohn(g.torus(g.obs, g.obs) / 3.0)
+    K = (rho_xp * C_xp) @ torch.linalg.inv(rho_pp * (Pa.T @ Pa / J) + Gamma.dense())
+    ref = X.reshape(J, -1) + (K @ (y - psi).T).T
+    assert torch.allclose(got.reshape(J, -1), ref, rtol=0, atol=1e-10)
+
+
+def test_failed_members_take_no_part_with_localisation():
+    X, psi, y = _ensemble(J=8)
+    Gamma = NoiseCovariance.scalar(0.09, 36)
+    loc = GaspariCohn(grid_geometry(12, 2), 2.0)
+    ok = torch.tensor([True, True, False, True, True, True, False, True])
+    bad = psi.clone()
+    bad[~ok] = float("nan")
+    got, info = kalman.enkg_update(X, torch.where(ok[:, None], bad, 0.0), y, Gamma, 1.0, ok=ok, localiser=loc)
+    sub, _ = kalman.enkg_update(X[ok], psi[ok], y, Gamma, 1.0, localiser=loc)
+    assert torch.equal(got[~ok], X[~ok]) and torch.allclose(got[ok], sub, atol=1e-13) and info.n_ok == 6
+
+
+def test_blocked_memory_is_bounded_at_the_papers_scale_of_d_and_m(monkeypatch):
+    """d = 128^2, m = 64^2 (J small to keep the test quick): no temporary of d x m; the largest C block obeys
+    BLOCK_ELEMENTS, and Gaspari-Cohn touches a small fraction of the pairs."""
+    J, n = 8, 128
+    g = torch.Generator().manual_seed(0)
+    Xa = kalman.anomalies(torch.randn(J, n * n, generator=g))
+    Pa = kalman.anomalies(torch.randn(J, (n // 2) ** 2, generator=g))
+    V = torch.randn(J, (n // 2) ** 2, generator=g)
+    for loc in (GaspariCohn(grid_geometry(n, 2), 4.0), SEC(1.0)):
+        stats = localisation.BlockStats()
+        out = localisation.localised_apply(Xa, Pa, V, loc, stats)
+        assert out.shape == (J, n * n) and bool(torch.isfinite(out).all())
+        assert stats.largest_block <= localisation.BLOCK_ELEMENTS < n * n * (n // 2) ** 2
+    assert stats.touched == n * n * (n // 2) ** 2  # SEC touches every pair, block by block
+
+
+def test_correlation_noise_matches_sampling():
+    J = 20
+    g = torch.Generator().manual_seed(0)
+    for r in (0.0, 0.5, 0.9):
+        a = torch.randn(20000, J, generator=g, dtype=torch.float64)
+        b = r * a + math.sqrt(1 - r * r) * torch.randn(20000, J, generator=g, dtype=torch.float64)
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        sample = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        assert abs(float(sample.std()) - float(localisation.correlation_noise_std(torch.tensor(r), J))) < 0.01
+
+
+def test_bad_localiser_settings_are_refused():
+    with pytest.raises(ValueError, match="radius must be > 0"):
+        GaspariCohn(grid_geometry(8, 2), -1.0)
+    with pytest.raises(ValueError, match="geometry has 16 observation locations"):
+        loc = GaspariCohn(grid_geometry(8, 2), 1.0)
+        localisation.localised_apply(torch.zeros(3, 64, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64),
+                                     torch.zeros(3, 9, dtype=torch.float64), loc)
+
+
+def test_spread_controls():
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(10, 1, 4, 4, generator=g, dtype=torch.float64)
+    after = 0.3 * before + 0.1 * torch.randn(10, 1, 4, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(inflation.apply("none", 1.0, before, after), after)
+    inflated = inflation.multiplicative(after, 1.5)
+    assert torch.allclose(inflated.std(0), 1.5 * after.std(0)) and torch.allclose(inflated.mean(0), after.mean(0))
+    restored = inflation.rtps(before, after, 1.0)
+    assert torch.allclose(restored.std(0), before.std(0)) and torch.allclose(restored.mean(0), after.mean(0))
+    assert torch.allclose(inflation.rtps(before, after, 0.0), after)
+    half = inflation.rtps(before, after, 0.5)
+    assert torch.allclose(half.std(0), 0.5 * before.std(0) + 0.5 * after.std(0))
+    ok = torch.ones(10, dtype=torch.bool)
+    ok[3] = False
+    part = inflation.multiplicative(after, 2.0, ok)
+    assert torch.equal(part[3], after[3]) and torch.allclose(part[ok].std(0), 2 * after[ok].std(0))
+    with pytest.raises(ValueError, match="unknown spread control"):
+        inflation.apply("additive", 1.0, before, after)
+
+
+def test_gaspari_cohn_taper_uses_the_torus_distance():
+    loc = GaspariCohn(grid_geometry(12, 2), 2.5)
+    rows = torch.tensor([0, 11, 12 * 11 + 11])  # pixels (0, 0), (0, 11), (11, 11)
+    cols = torch.tensor([0, 5, 35])  # observations at (0, 0), (0, 10), (10, 10)
+    rho = loc.taper(rows, cols)
+    for a, (pi, pj) in enumerate([(0, 0), (0, 11), (11, 11)]):
+        for b, (qi, qj) in enumerate([(0, 0), (0, 10), (10, 10)]):
+            di, dj = abs(pi - qi) % 12, abs(pj - qj) % 12
+            dist = math.hypot(min(di, 12 - di), min(dj, 12 - dj))
+            assert abs(float(rho[a, b]) - _gc_reference(dist / 2.5)) < 1e-14
+
+
+def test_nice_chooses_a_real_correction_for_a_small_ensemble():
+    X, psi, _ = _ensemble(J=9)
+    nice = NICE()
+    Xa, Pa = kalman.anomalies(X.reshape(9, -1)), kalman.anomalies(psi)
+    localisation.localised_apply(Xa, Pa, torch.zeros(9, 36, dtype=torch.float64), nice)
+    g, a = nice.choice
+    assert g >= 2 and (g, a) != (2, 0.0)  # spurious correlations of 9 members get shrunk
