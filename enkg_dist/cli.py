@@ -25,6 +25,18 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+# what a user's job, directory or machine can cause: one line each, never a traceback
+_FAULTS = (cfgmod.ConfigError, ValueError, RuntimeError, OSError, MemoryError)
+
+
+def _fault(e: BaseException) -> None:
+    if isinstance(e, (OSError, MemoryError)):
+        from enkg_dist.rundir import fault_line
+
+        _fail(fault_line(e))
+    _fail(str(e).splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
 def _interrupted(e: interrupt.Interrupted) -> None:
     typer.echo(e.message(), err=True)
     raise typer.Exit(interrupt.EXIT_INTERRUPTED)
@@ -34,7 +46,8 @@ def _interrupted(e: interrupt.Interrupted) -> None:
 def run(
     job: Optional[Path] = typer.Argument(None, help="job YAML; the embedded default job when omitted"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set enkg.ensemble_size=512"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the resolved config and budget"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the resolved config, the budget of "
+                                 "forward runs and the driver's memory estimate"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="write here instead of output_dir/NAME-TIME"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
@@ -49,14 +62,22 @@ def run(
     if dry_run:
         typer.echo(cfgmod.dump(cfg), nl=False)
         typer.echo(f"# budget: {json.dumps(runner.forward_budget(cfg))}")
+        from enkg_dist import budget
+
+        typer.echo(f"# memory: {json.dumps(budget.describe(cfg))}")
+        try:
+            typer.echo(f"# devices: {json.dumps(runner.devices_plan(cfg, address))}")
+            budget.check_memory(cfg)
+        except cfgmod.ConfigError as e:
+            _fail(str(e))
         return
     try:
         with interrupt.stop_on_signals():
             out, metrics = runner.run(cfg, run_dir, progress=progress, address=address)
     except interrupt.Interrupted as e:
         _interrupted(e)
-    except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except _FAULTS as e:
+        _fault(e)
     keys = ["rel_l2_particles", "rel_l2_mean", "posterior_mean_rel_l2", "ratio_to_bayes", "spread_ratio",
             "forward_evaluations", "wall_seconds"]
     typer.echo(f"run directory: {out}")
@@ -66,6 +87,8 @@ def run(
 @app.command("resume")
 def resume_cmd(
     run_dir: Path = typer.Argument(..., help="a run directory (holds config.yaml and store.zarr)"),
+    set_: list[str] = typer.Option([], "--set", help="change a key that may change between resumptions: "
+                                   "execution.*, store.checkpoint_every, ... (others are refused, naming them)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
 ):
@@ -74,37 +97,49 @@ def resume_cmd(
 
     try:
         with interrupt.stop_on_signals():
-            out, metrics = runner.resume(run_dir, progress=progress, address=address)
+            out, metrics = runner.resume(run_dir, progress=progress, address=address, overrides=set_)
     except interrupt.Interrupted as e:
         _interrupted(e)
-    except (cfgmod.ConfigError, ValueError, RuntimeError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    typer.echo(f"run directory: {out} (resumed from step {metrics['resumed_from_step']})")
+    except _FAULTS as e:
+        _fault(e)
+    step = metrics["resumed_from_step"]
+    typer.echo(f"run directory: {out} " + (f"(resumed from step {step})" if step is not None else
+                                           "(started afresh: nothing had been committed)"))
 
 
 @app.command("inspect")
 def inspect_cmd(run_dir: Path = typer.Argument(..., help="a run directory or a run store"),
-                as_json: bool = typer.Option(False, "--json", help="the summary as JSON")):
-    """Steps, members, failures, misfit and timings of a run (finished or in progress), as a table."""
-    from enkg_dist import report
+                as_json: bool = typer.Option(False, "--json", help="the summary as JSON"),
+                verify: bool = typer.Option(False, "--verify", help="decode every chunk of the store (checksums) "
+                                            "and name each bad one: array, step, file")):
+    """Steps, members, failures, misfit, timings and integrity of a run (finished or in progress), as a table."""
+    from enkg_dist import report, table
 
     try:
-        typer.echo(json.dumps(report.summary(run_dir), indent=1) if as_json else report.inspect_run(run_dir))
-    except (ValueError, RuntimeError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        typer.echo(json.dumps(report.summary(run_dir, verify=verify), indent=1) if as_json else
+                   table.inspect_run(run_dir, verify=verify), nl=as_json)
+    except _FAULTS as e:
+        _fault(e)
 
 
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory or a run store"),
-               out: Optional[Path] = typer.Option(None, "--out", help="where the PNGs go (default RUN_DIR/report)")):
-    """Figures of a run: reconstruction, misfit and error against step, failures per step, spread."""
+               out: Optional[Path] = typer.Option(None, "--out", help="where the PNGs go (default RUN_DIR/report)"),
+               verify: bool = typer.Option(True, "--verify/--no-verify", help="check every chunk first (damaged "
+                                           "steps are left out and listed)")):
+    """Figures of a run: reconstruction, misfit and error against step, failures per step, spread, calibration."""
     from enkg_dist import report
 
     try:
-        for path in report.make_report(run_dir, out):
+        paths = report.make_report(run_dir, out, verify=verify)
+        for path in paths:
             typer.echo(str(path))
-    except (ValueError, RuntimeError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        damage = json.loads((paths[-1].parent / "curves.json").read_text())["damage"]
+        if damage:
+            typer.echo(f"warning: {len(damage)} bad chunk(s), left out of the figures; first: {damage[0]} (all: "
+                       f"enkg-dist inspect --verify {run_dir})", err=True)
+    except _FAULTS as e:
+        _fault(e)
 
 
 @app.command("generate-data")

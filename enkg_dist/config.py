@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from enkg_dist.sampler import EnKGConfig
 
@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LinearGaussianProblem(_Model):
@@ -72,6 +72,8 @@ class ExternalProblem(_Model):
     obs_size: int = Field(..., ge=1, description="values the program writes")
     observation: str | None = Field(None, description=".npy with y; null: a synthetic twin (truth from the prior)")
     truth: str | None = Field(None, description=".npy with the true field, for metrics only")
+    coordinates: str | None = Field(None, description=".npy (obs_size, 2): where each output sits on the n x n "
+                                    "grid (row, column, grid units): enables gaspari_cohn localisation")
     noise_std: float = Field(0.1, gt=0)
     truth_seed: int = Field(0, ge=0, description="seed of the synthetic truth and noise (observation: null)")
     timeout: float | None = Field(None, gt=0, description="seconds per member run")
@@ -118,6 +120,24 @@ class LearnedPrior(_Model):
 PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior], Field(discriminator="kind")]
 
 
+class LocalisationSettings(_Model):
+    """Localisation of the Kalman gain (enkg_dist.localisation; README "Localisation and spread control")."""
+
+    kind: Literal["none", "gaspari_cohn", "sec", "nice"] = Field(
+        "none", description="none (the J x J update), gaspari_cohn (distance taper; needs the problem's geometry), "
+                            "sec (|R|^alpha), nice (tuning-free SEC; no geometry needed)")
+    radius: float | None = Field(None, gt=0, description="Gaspari-Cohn half-support c in grid cells (zero from 2c)")
+    alpha: float = Field(1.0, ge=0, description="SEC power")
+    cutoff: float = Field(0.0, ge=0, lt=1, description="SEC: drop corrected correlations below this")
+    delta: float = Field(1.0, gt=0, description="NICE: discrepancy-principle tolerance scale")
+
+    @model_validator(mode="after")
+    def _radius(self):
+        if self.kind == "gaspari_cohn" and self.radius is None:
+            raise ValueError("kind gaspari_cohn needs localisation.radius (grid cells)")
+        return self
+
+
 class EnKGSettings(_Model):
     """EnKG hyperparameters (enkg.md §2); see enkg_dist.sampler.EnKGConfig."""
 
@@ -137,9 +157,31 @@ class EnKGSettings(_Model):
     ode_max_steps: int = Field(20, ge=1)
     predictor: Literal["euler", "heun"] = "euler"
     failure_policy: Literal["keep", "resample"] = "keep"
+    localisation: LocalisationSettings = Field(default_factory=LocalisationSettings)
+    inflation: Literal["none", "multiplicative", "rtps"] = Field(
+        "none", description="spread control after each step's corrections")
+    inflation_factor: float = Field(1.0, ge=0, description="lambda (multiplicative) or alpha (rtps, in [0, 1])")
+
+    @field_validator("sigma_min")
+    @classmethod
+    def _below_sigma_max(cls, v: float, info: ValidationInfo) -> float:
+        top = info.data.get("sigma_max")
+        if top is not None and v >= top:
+            raise ValueError(f"must be smaller than enkg.sigma_max ({top:g}), got {v:g}")
+        return v
 
     def sampler_config(self) -> EnKGConfig:
-        return EnKGConfig(**self.model_dump(exclude={"ensemble_size"}))
+        return EnKGConfig(**self.model_dump(exclude={"ensemble_size", "localisation"}))
+
+    @model_validator(mode="after")
+    def _inflation(self):
+        return _check_inflation(self)
+
+
+def _check_inflation(settings):
+    if settings.inflation == "rtps" and settings.inflation_factor > 1:
+        raise ValueError(f"inflation_factor {settings.inflation_factor}: rtps relaxes by alpha in [0, 1]")
+    return settings
 
 
 class EKISettings(_Model):
@@ -150,6 +192,15 @@ class EKISettings(_Model):
     dt: float = Field(1.0, gt=0)
     stochastic: bool = False
     tikhonov: bool = Field(False, description="add the prior as observations (Tikhonov-EKI)")
+    localisation: LocalisationSettings = Field(default_factory=LocalisationSettings)
+    inflation: Literal["none", "multiplicative", "rtps"] = "none"
+    inflation_factor: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.tikhonov and self.localisation.kind != "none":
+            raise ValueError("localisation is not available with tikhonov (the stacked prior block is d x d)")
+        return _check_inflation(self)
 
 
 class ExecutionSettings(_Model):
@@ -257,7 +308,7 @@ def one_line_error(exc: ValidationError, root: type[BaseModel] | None = None, wh
     root = root or RunConfig
     err = exc.errors()[0]
     keys, _ = _resolve(err["loc"], root)
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         _, owner = _resolve(err["loc"][:-1], root)
         allowed = ", ".join(owner.model_fields) if owner is not None else "?"
@@ -328,11 +379,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config error: job file {str(p)!r} not found")
-        text = p.read_text()
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config error: job file {str(p)!r} cannot be read ({type(e).__name__})") from None
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config error: {path}: not valid YAML ({first})") from None
+    if data is None:
+        raise ConfigError(f"config error: job file {str(path)!r} is empty (an empty job would run the built-in "
+                          "defaults: the 64x64 linear-Gaussian problem); write {} to run them on purpose")
     if not isinstance(data, dict):
         raise ConfigError(f"config error: {path}: the job must be a mapping of keys, got {type(data).__name__}")
     return validate(apply_overrides(data, overrides or []))

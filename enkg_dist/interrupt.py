@@ -7,6 +7,9 @@ and the queued steps (the commit marker last), shuts the backend down, and the C
 Members still in flight are abandoned; the step in progress is not committed, and its recorded members are reused by
 `enkg-dist resume`, which ends with the same ensemble as an uninterrupted run. A second signal acts as if no handler
 were installed (SIGTERM ends the process, SIGINT raises KeyboardInterrupt): the store survives that like a kill -9.
+
+Other threads can ask for the same kind of stop with an error of their own (`fail`): the run directory's lease
+keeper does when the lease is lost or the directory disappears.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 EXIT_INTERRUPTED = 75  # sysexits.h EX_TEMPFAIL: stopped cleanly, resume to continue (not 143: a hard SIGTERM kill)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state: dict = {"active": False, "received": None, "previous": {}}
+_state: dict = {"active": False, "received": None, "previous": {}, "fault": None}
 
 
 class Interrupted(Exception):
@@ -67,9 +70,25 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def check() -> None:
-    """Raise Interrupted when a stop signal has arrived (call at safe points only)."""
+    """Raise Interrupted when a stop signal has arrived, or the fault another thread reported (call at safe points
+    only)."""
+    fault = _state["fault"]
+    if fault is not None:
+        _state["fault"] = None
+        raise fault
     if _state["received"] is not None:
         raise Interrupted(_state["received"])
+
+
+def fail(exc: BaseException) -> None:
+    """From another thread (the run directory's lease keeper): stop the run at its next safe point with `exc`."""
+    _state["fault"] = exc
+
+
+def clear_fault(exc: BaseException | None = None) -> None:
+    """Forget a reported fault (only `exc`, when given) that no run will raise any more."""
+    if exc is None or _state["fault"] is exc:
+        _state["fault"] = None
 
 
 def checked(forward: Callable) -> Callable:

@@ -47,10 +47,13 @@ class RecordingEvaluator(Evaluator):
                                       [r for a in parts for r in a[5]])
 
     def wait_records(self) -> None:
-        """Block until every member record of this step is written (called before the step commits)."""
-        for f in self._pending:
-            f.result()
-        self._pending.clear()
+        """Block until every member record of this step is written (called before the step commits); a failed write
+        (a full disk) is raised once, after all of them have finished."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def evaluate(self, x_hat: torch.Tensor) -> ForwardResult:
         k, self.k = self.k, self.k + 1
@@ -74,5 +77,7 @@ class RecordingEvaluator(Evaluator):
         return ForwardResult(psi, ok, reasons)
 
     def close(self) -> None:
-        self.wait_records()
-        self._pool.shutdown(wait=True)
+        try:
+            self.wait_records()
+        finally:
+            self._pool.shutdown(wait=True)

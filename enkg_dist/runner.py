@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
-from enkg_dist import interrupt, rng, sampler, schedules
+from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules
 from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
-from enkg_dist.plots import reconstruction_figure
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
+from enkg_dist.plots import reconstruction_figure
 from enkg_dist.problems.base import InverseProblem
 from enkg_dist.recording import RecordingEvaluator
 
@@ -30,35 +30,75 @@ class Built:
     prior: object  # has denoise(x, sigma), state_shape; Gaussian priors also sample/whiten
     posterior: object | None = None  # exact posterior where one exists
     observation_image: torch.Tensor | None = None
+    localiser: object | None = None  # enkg_dist.localisation.Localiser of the method's settings, or None
 
 
 def resolve_device(name: str) -> torch.device:
-    """The run's device (`device: auto/cpu/cuda`), a one-line config error when it is not there."""
-    from enkg_dist.priors.learned import resolve_device as resolve
-
+    """The driver's device (`device: auto/cpu/cuda`; auto is the CPU for now, see devices.driver_device), a one-line
+    config error when it is not there."""
     try:
-        return resolve(name)
+        return devices.driver_device(name)
     except ValueError as e:
         raise cfgmod.ConfigError(f"config error: device: {e}") from None
 
 
-def make_prior(pr, n: int, zero_mean_mode: bool = False):
-    """The prior of a config on the n x n grid: a Gaussian field, or a learned denoiser loaded from its checkpoint."""
+def on_ray(cfg: cfgmod.RunConfig, address: str | None = None) -> bool:
+    """Whether the run uses a Ray cluster (the config's backend, or an address from the command line)."""
+    return cfg.execution.backend == "ray" or bool(address)
+
+
+def prior_device(cfg: cfgmod.RunConfig, remote: bool) -> str:
+    """Where a learned prior runs: checked against each prior actor's GPU grant on Ray, against this machine's
+    hardware in-process; a one-line config error naming the key otherwise."""
+    pr, ex = cfg.prior, cfg.execution
+    if pr.kind != "learned":
+        return "cpu"
+    if remote:
+        if pr.device == "cuda" and ex.prior_gpus == 0:
+            raise cfgmod.ConfigError("config error: prior.device: 'cuda' on Ray needs execution.prior_gpus > 0 "
+                                     "(the GPU each prior actor is given)")
+        name = "cpu" if pr.device == "cpu" or ex.prior_gpus == 0 else "cuda"
+    else:
+        try:
+            name = devices.resolve_device(pr.device).type
+        except ValueError as e:
+            raise cfgmod.ConfigError(f"config error: prior.device: {e}") from None
+    if pr.dtype == "bfloat16" and name != "cuda":
+        raise cfgmod.ConfigError("config error: prior.dtype: bfloat16 runs on CUDA only and this prior runs on the "
+                                 "CPU; use float32" + (" or give prior actors GPUs (execution.prior_gpus)"
+                                                       if remote else ""))
+    return name
+
+
+def devices_plan(cfg: cfgmod.RunConfig, address: str | None = None) -> dict:
+    """Where each part of the run computes, for --dry-run."""
+    remote = on_ray(cfg, address)
+    ex = cfg.execution
+    driver = str(resolve_device(cfg.device))
+    plan = {"driver": driver + (" (device: auto is the CPU until the GPU suite has passed on a GPU)"
+                                if cfg.device == "auto" and driver == "cpu" else ""),
+            "prior": prior_device(cfg, remote) + (" (each prior actor)" if remote else "")}
+    plan["simulators"] = ("cuda (each worker's GPU)" if remote and ex.worker_gpus > 0 else
+                          "cpu" if remote else "the driver's device")
+    return plan
+
+
+def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu"):
+    """The prior of a config on the n x n grid: a Gaussian field, or a learned denoiser loaded from its checkpoint
+    onto `device` (the CPU when it goes to Ray actors, which move it themselves)."""
     if pr.kind == "gaussian":
         from enkg_dist.priors.gaussian import GaussianFieldPrior
 
         return GaussianFieldPrior.matern_like(n, pr.alpha, pr.tau, pr.std, zero_mean_mode=zero_mean_mode)
     if pr.kind == "gaussian_fit":
         return _fitted_prior(pr, n)
-    from enkg_dist.priors.learned import LearnedPrior, resolve_device
+    from enkg_dist.priors.learned import LearnedPrior
 
     try:
-        resolve_device(pr.device)
-    except ValueError as e:
-        raise cfgmod.ConfigError(f"config error: prior.device: {e}") from None
-    try:
-        return LearnedPrior.from_checkpoint(pr.checkpoint, device=pr.device, precision=pr.dtype,
-                                            compile=pr.compile, max_batch=pr.max_batch, resolution=n)
+        with warnings.catch_warnings():  # bfloat16 on a CPU copy bound for GPU actors is not the user's concern
+            warnings.filterwarnings("ignore", "bfloat16 autocast on the CPU")
+            return LearnedPrior.from_checkpoint(pr.checkpoint, device=device, precision=pr.dtype,
+                                                compile=pr.compile, max_batch=pr.max_batch, resolution=n)
     except ValueError as e:
         raise cfgmod.ConfigError(f"config error: prior.checkpoint: {str(e).splitlines()[0]}") from None
 
@@ -78,11 +118,13 @@ def _fitted_prior(pr, n: int):
     return GaussianFieldPrior.fit(torch.from_numpy(np.asarray(data)), radial=pr.radial)
 
 
-def build(cfg: cfgmod.RunConfig) -> Built:
-    """Problem, prior and exact posterior (when known) for a config."""
+def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
+    """Problem, prior and exact posterior (when known) for a config; `remote`: the prior goes to Ray actors."""
     from enkg_dist.problems import linear_gaussian
 
     p, pr = cfg.problem, cfg.prior
+    device = prior_device(cfg, remote)
+    device = "cpu" if remote else device
     if pr.kind != "gaussian" and p.kind == "linear_gaussian":
         raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} does not apply to the linear-Gaussian "
                                  "problem (its exact posterior needs its own Gaussian prior)")
@@ -94,17 +136,17 @@ def build(cfg: cfgmod.RunConfig) -> Built:
             n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
             truth_seed=p.truth_seed)
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
-        return _with_chaos(cfg, Built(problem, prior, post, obs))
+        return _finish(cfg, Built(problem, prior, post, obs))
     if p.kind == "navier_stokes":
         from enkg_dist.problems import navier_stokes as ns
 
         problem = ns.make_problem(n=p.n, k=p.k, noise_std=p.noise_std, T=p.T, truth=p.truth_seed, seed=p.truth_seed,
                                   spinup=p.spinup, Re=p.Re, dealias=p.dealias, mode=p.step_mode,
                                   max_steps=p.max_steps, chunk=p.member_chunk)
-        prior = make_prior(pr, p.n, zero_mean_mode=True)
-        return _with_chaos(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
+        prior = make_prior(pr, p.n, zero_mean_mode=True, device=device)
+        return _finish(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
     if p.kind == "external":
-        return _with_chaos(cfg, _build_external(p, pr))
+        return _finish(cfg, _build_external(p, pr, device))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
 
 
@@ -115,7 +157,7 @@ def _load_npy(path: str, what: str) -> torch.Tensor:
         raise cfgmod.ConfigError(f"config error: problem.{what}: cannot read {path!r} ({e})") from None
 
 
-def _build_external(p, pr) -> Built:
+def _build_external(p, pr, device: str = "cpu") -> Built:
     """An external program as G, the prior on (1, n, n), y from a file or a synthetic twin."""
     from enkg_dist.noise import NoiseCovariance
     from enkg_dist.problems.base import safe_evaluate
@@ -128,7 +170,7 @@ def _build_external(p, pr) -> Built:
                                    env=dict(p.env))
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
-    prior = make_prior(pr, p.n)
+    prior = make_prior(pr, p.n, device=device)
     truth = None if p.truth is None else _load_npy(p.truth, "truth").reshape(1, p.n, p.n)
     if p.observation is not None:
         y = _load_npy(p.observation, "observation").reshape(-1)
@@ -142,6 +184,12 @@ def _build_external(p, pr) -> Built:
         if not bool(res.ok[0]):
             raise RuntimeError(f"the simulator failed on the synthetic truth: {res.reasons[0]}")
         y = res.psi[0] + p.noise_std * rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0]
+    if p.coordinates is not None:
+        coords = _load_npy(p.coordinates, "coordinates")
+        if coords.shape != (p.obs_size, 2) or not bool(torch.isfinite(coords).all()):
+            raise cfgmod.ConfigError(f"config error: problem.coordinates: {p.coordinates!r} must hold finite "
+                                     f"(obs_size, 2) = ({p.obs_size}, 2) grid coordinates, got {tuple(coords.shape)}")
+        G.obs_coordinates = coords
     if y.numel() != p.obs_size:
         raise cfgmod.ConfigError(f"config error: problem.observation: has {y.numel()} values, obs_size is "
                                  f"{p.obs_size}")
@@ -150,44 +198,111 @@ def _build_external(p, pr) -> Built:
     return Built(problem, prior, None, y.reshape(side, side) if side * side == p.obs_size else None)
 
 
-def _with_chaos(cfg: cfgmod.RunConfig, built: Built) -> Built:
-    """Wrap the forward model in failure injection when the config asks for it."""
+def make_localiser(settings, forward, key: str = "enkg"):
+    """The localiser of `enkg.localisation` (or `eki.localisation`) for this forward model, or None."""
+    from enkg_dist import localisation
+
+    loc = settings.localisation
+    if loc.kind == "none":
+        return None
+    if loc.kind == "sec":
+        return localisation.SEC(loc.alpha, loc.cutoff)
+    if loc.kind == "nice":
+        return localisation.NICE(loc.delta)
+    geometry = forward.geometry()
+    if geometry is None:
+        raise cfgmod.ConfigError(f"config error: {key}.localisation.kind: gaspari_cohn needs a geometry and this "
+                                 "problem declares none (give problem.coordinates, or use kind: nice, which needs "
+                                 "none)")
+    return localisation.GaspariCohn(geometry, loc.radius)
+
+
+def _finish(cfg: cfgmod.RunConfig, built: Built) -> Built:
+    """Wrap the forward model in failure injection when the config asks for it; make the localiser."""
     if cfg.chaos is not None:
         from enkg_dist.problems.chaos import ChaosForward
 
         c = cfg.chaos
         built.problem.forward = ChaosForward(built.problem.forward, c.fail_rate, c.modes, c.seed, c.hang_seconds,
                                              c.delay, c.log)
+    settings = cfg.enkg if cfg.method == "enkg" else cfg.eki
+    built.localiser = make_localiser(settings, built.problem.forward, cfg.method)
     return built
 
 
 STORE_NAME = "store.zarr"
 
 
+def _store_path(cfg: cfgmod.RunConfig, run_dir: Path) -> str:
+    return cfg.store.path or str(Path(run_dir) / STORE_NAME)
+
+
 def _has_store(cfg: cfgmod.RunConfig, run_dir: Path) -> bool:
-    """Whether the run's store exists: RUN_DIR/store.zarr, or store.path (an fsspec URL too) for this run dir."""
+    """Whether the run's store exists (complete, or with a root its recovery copy rebuilds): RUN_DIR/store.zarr,
+    or store.path (an fsspec URL too) for this run dir."""
     from enkg_dist.store import store_exists
 
-    if cfg.store.path is None:
-        return (run_dir / STORE_NAME).exists()
-    return (run_dir / "config.yaml").is_file() and store_exists(cfg.store.path)
+    if cfg.store.path is not None and not (Path(run_dir) / "config.yaml").is_file():
+        return False
+    return store_exists(_store_path(cfg, run_dir))
 
 
-def prepare_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> tuple[Path, bool]:
-    """(directory, resuming): an existing run directory with a store is resumed; else a fresh one is made with
-    the resolved config written first."""
-    if run_dir is not None and _has_store(cfg, Path(run_dir)):
-        return Path(run_dir), True
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
-        run_dir, i = base, 1
-        while run_dir.exists():
-            run_dir, i = Path(f"{base}-{i}"), i + 1
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfgmod.dump(cfg))
-    return run_dir, False
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(cfg: cfgmod.RunConfig, run_dir: str | Path | None) -> rundir.RunDirectory:
+    """The run directory, made if needed and locked to this driver; `resuming` when it holds a store. A store whose
+    creation was interrupted (it never committed anything) is removed and the run starts afresh. A fresh run's
+    resolved config is written first (atomically)."""
+    from enkg_dist import store as st
+
+    path = rundir.choose(cfg.output_dir, cfg.name, run_dir)
+    lock, created = rundir.make_and_lock(path, "--run-dir" if run_dir is not None else "output_dir")
+    rd = rundir.RunDirectory(path, False, lock, created)
+    if lock.note:
+        _note(lock.note)
+    try:
+        where = _store_path(cfg, path)
+        state = st.probe(where) if cfg.store.path is None or (path / "config.yaml").is_file() else "absent"
+        if state == "half-created":
+            st.discard_half_created(where)
+            _note(f"run store {where}: its creation was interrupted before anything was committed; starting afresh")
+        elif state == "damaged":
+            raise rundir.RunDirError(f"run store {where}: its root metadata (zarr.json) and the recovery copy are both "
+                                     "missing or unreadable, so it cannot be resumed; move it away to start afresh")
+        rd.resuming = state in ("store", "root-damaged")
+        if not rd.resuming:
+            rundir.write_atomic(path / "config.yaml", cfgmod.dump(cfg))
+    except OSError as e:
+        rd.discard_if_unused(-1) if created else rd.close()
+        raise rundir.RunDirError(f"run directory {path}: {rundir.fault_line(e)}") from None
+    except BaseException:
+        rd.discard_if_unused(-1) if created else rd.close()
+        raise
+    return rd
+
+
+def check_observation(cfg: cfgmod.RunConfig, built: Built) -> None:
+    """A one-line config error for an observation with NaN or inf values (before they reach the update)."""
+    y = built.problem.y
+    bad = int((~torch.isfinite(y)).sum())
+    if bad:
+        where = getattr(cfg.problem, "observation", None)
+        raise cfgmod.ConfigError(f"config error: problem.observation: {bad} of {y.numel()} values"
+                                 f"{f' in {where}' if where else ''} are not finite (NaN or inf)")
+
+
+def reference_fields(built: Built) -> tuple[dict, dict]:
+    """What a report compares with, stored in the run store at creation: the truth, the observation and the exact
+    posterior's mean and variance (where known); and the observation's image shape."""
+    pb, post = built.problem, built.posterior
+    ref = {"truth": pb.x_true, "observation": pb.y}
+    if post is not None:
+        ref["posterior_mean"] = post.mean(pb.y.to(torch.float64))
+        ref["posterior_var"] = post.variance()
+    image = built.observation_image
+    return ref, {"observation_image_shape": None if image is None else list(image.shape)}
 
 
 def _steps_and_corrections(cfg: cfgmod.RunConfig) -> tuple[int, int, int]:
@@ -210,13 +325,18 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
             store.close()
             raise cfgmod.ConfigError(f"config error: cannot resume {out}: the config differs from the stored one in "
                                      f"{', '.join(diff)}")
+        text = cfgmod.dump(cfg)  # the keys that may change (resume --set) apply to later resumptions too
+        if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text() != text:
+            rundir.write_atomic(out / "config.yaml", text)
         return store
     J, steps, K = _steps_and_corrections(cfg)
+    reference, reference_attrs = reference_fields(built)
     return RunStore.create(path, config=cfg.model_dump(mode="json"), config_yaml=cfgmod.dump(cfg), J=J,
                            state_shape=built.problem.forward.state_shape, obs_size=built.problem.forward.obs_size,
                            num_steps=steps, num_corrections=K, dtype=cfg.dtype, full_every=cfg.store.full_every,
                            max_pending=cfg.store.max_pending, defer_writes=True,
-                           checkpoint_every=cfg.store.checkpoint_every)
+                           checkpoint_every=cfg.store.checkpoint_every, reference=reference,
+                           reference_attrs=reference_attrs)
 
 
 def forward_budget(cfg: cfgmod.RunConfig) -> dict:
@@ -238,17 +358,62 @@ def _posterior_metrics(built: Built, x: torch.Tensor, metrics: dict) -> dict:
 def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None):
     """The configured backend; `address` (from the command line) selects Ray."""
     ex = cfg.execution
-    if ex.backend == "ray" or address:
-        return ray_backend(built.prior, built.problem, ex, address)
+    if on_ray(cfg, address):
+        return ray_backend(built.prior, built.problem, ex, address, prior_device=cfg.prior.device
+                           if cfg.prior.kind == "learned" else "cpu")
     return local_backend(built.prior, built.problem, ex.batch_size or 0)
 
 
 def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True,
         address: str | None = None) -> tuple[Path, dict]:
-    """Run a job, or resume it when `run_dir` holds a store; returns the run directory and the final metrics."""
+    """Run a job, or resume it when `run_dir` holds a store; returns the run directory and the final metrics.
+
+    The job is checked (memory, observation) and built before any run directory is made, so a job that cannot run
+    leaves none behind; the directory is locked to this driver for the whole run (rundir.RunDirLock)."""
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    out, resuming = prepare_run_dir(cfg, run_dir)
-    built = build(cfg)
+    budget.check_memory(cfg)  # before anything the size of the ensemble is allocated
+    built = build(cfg, remote=on_ray(cfg, address))
+    check_observation(cfg, built)
+    rd = prepare_run_dir(cfg, run_dir)
+    try:
+        return _run(cfg, rd, built, device, dtype, progress, address)
+    except (cfgmod.ConfigError, rundir.RunDirError):
+        rd.discard_if_unused(_committed(cfg, rd.path))  # a run directory this call made, with nothing in it
+        raise
+    except Exception as e:
+        from enkg_dist.store import StoreError
+
+        if not isinstance(e, (OSError, MemoryError, StoreError)):
+            raise
+        t = _committed(cfg, rd.path)
+        raise rundir.RunStopped(f"{rundir.fault_line(e)}; the run stopped with {t + 1} step(s) committed; once "
+                                f"that is fixed, continue with: enkg-dist resume {rd.path}") from e
+    finally:
+        rd.close()
+
+
+def _committed(cfg: cfgmod.RunConfig, run_dir: Path) -> int:
+    from enkg_dist.store import committed_step_of
+
+    return committed_step_of(_store_path(cfg, run_dir))
+
+
+def _close_all(*closers) -> None:
+    """Call every closer even when one fails. While an error propagates, a close error is dropped (the first error
+    is the one to report); otherwise the first close error is raised."""
+    failing, first = sys.exc_info()[1] is not None, None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - collected, raised below
+            first = first or e
+    if first is not None and not failing:
+        raise first
+
+
+def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, dtype, progress: bool,
+         address: str | None) -> tuple[Path, dict]:
+    out, resuming = rd.path, rd.resuming
     pb = built.problem
     y = pb.y.to(device=device, dtype=dtype)
     store = open_store(cfg, out, built, resuming)
@@ -263,18 +428,17 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     try:
         loop = _run_enkg if cfg.method == "enkg" else _run_eki
         x = loop(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress)
+        history = _history(store)
     except TooManyFailures as e:
-        (out / "stopped.json").write_text(json.dumps({"reason": str(e), "step": evaluator.step,
-                                                      "failures": evaluator.failures[:100]}))
+        rundir.write_atomic(out / "stopped.json", json.dumps({"reason": str(e), "step": evaluator.step,
+                                                              "failures": evaluator.failures[:100]}))
         raise
     except interrupt.Interrupted as e:
         store.flush()  # the queued steps, each with its commit marker last
         e.step, e.run_dir = store.committed_step + 1, out
         raise
     finally:
-        evaluator.close()
-        store.close()  # waits for the queued commits: nothing computed is lost
-        backend.close()
+        _close_all(evaluator.close, store.close, backend.close)  # store.close waits for the queued commits
     wall = time.perf_counter() - t0
     x = x.detach().to("cpu", torch.float64)
     truth = None if pb.x_true is None else pb.x_true.to(torch.float64)
@@ -286,33 +450,44 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
                     "skipped_evaluations": evaluator.skipped, "resumed_from_step": start - 1 if resuming else None,
                     "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats()})
     mean, std = x.mean(0), x.std(0)
-    torch.save({"particles": x, "mean": mean, "std": std}, out / "ensemble.pt")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "history.json").write_text(json.dumps(_history(cfg.store.path or str(out / STORE_NAME)), indent=1))
-    reconstruction_figure(out / "reconstruction.png", truth, built.observation_image, mean, std,
-                          title=f"{cfg.name}: rel. L2 of mean {metrics.get('rel_l2_mean', float('nan')):.3f}")
+    rundir.replace_atomic(out / "ensemble.pt", lambda tmp: torch.save({"particles": x, "mean": mean, "std": std}, tmp))
+    rundir.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    rundir.write_atomic(out / "history.json", json.dumps(history, indent=1))
+    rundir.replace_atomic(out / "reconstruction.png", lambda tmp: reconstruction_figure(
+        tmp, truth, built.observation_image, mean, std, spread_skill=metrics.get("spread_skill"),
+        title=f"{cfg.name}: rel. L2 of mean {metrics.get('rel_l2_mean', float('nan')):.3f}"))
     return out, metrics
 
 
-def _history(path: str) -> list[dict]:
-    """Per committed step: sigma, and per correction the misfit and step weight (from the store)."""
-    from enkg_dist.store import RunStore
-
-    with RunStore.open(path, "r", verify=False) as st:
-        sigma, misfit, weight = st.read("sigma"), st.read("misfit"), st.read("weight")
+def _history(store) -> list[dict]:
+    """Per committed step: sigma, and per correction the misfit and step weight (from the open store, flushed)."""
+    store.flush()
+    sigma, misfit, weight = store.read("sigma"), store.read("misfit"), store.read("weight")
     return [{"step": i, "sigma": float(sigma[i]), "misfit": [float(v) for v in misfit[i] if v == v],
              "weight": [float(v) for v in weight[i] if v == v]} for i in range(len(sigma))]
 
 
 def resume(run_dir: str | Path, progress: bool = True, address: str | None = None,
            overrides: list[str] | None = None) -> tuple[Path, dict]:
-    """Continue the run in `run_dir` from its last committed step, with its stored config."""
+    """Continue the run in `run_dir` from its last committed step, with its stored config and `overrides` of the
+    keys that may change between resumptions (config.RESUME_MAY_CHANGE; others are refused, naming them). A run
+    directory whose store was never created, or whose creation was interrupted, starts afresh with its config."""
+    cfgmod.check_resume_overrides(overrides or [])
     path = Path(run_dir) / "config.yaml"
-    cfg = cfgmod.load_config(path, overrides or []) if path.is_file() else None
-    if cfg is None or not _has_store(cfg, Path(run_dir)):
-        where = STORE_NAME if cfg is None or cfg.store.path is None else cfg.store.path
+    if not path.is_file():
         raise cfgmod.ConfigError(f"config error: {run_dir} is not a run directory (no config.yaml, or no store at "
-                                 f"{where})")
+                                 f"{STORE_NAME})")
+    try:
+        cfg = cfgmod.load_config(path, overrides or [])
+    except cfgmod.ConfigError:  # a damaged config.yaml: the store keeps the resolved config as it was written
+        from enkg_dist.store import root_attrs
+
+        text = root_attrs(Path(run_dir) / STORE_NAME).get("config_yaml")
+        if not text:
+            raise
+        _note(f"{path} is unreadable; using the config stored in the run store")
+        rundir.write_atomic(path, text)
+        cfg = cfgmod.load_config(path, overrides or [])
     return run(cfg, run_dir, progress, address)
 
 
@@ -338,7 +513,8 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
         for i in range(start, scfg.num_steps):
             t_step = time.perf_counter()
             evaluator.begin_step(i, skip_done=(i <= store.records_until))  # replayed from the records
-            rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas)
+            rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas,
+                                    built.localiser)
             x = rec.x
             infos = [c.info for c in rec.corrections]
             _commit(store, evaluator, i, x, rec.sigma, infos, t_step)
@@ -361,7 +537,8 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
         for n in range(start, k.iterations):
             t_step = time.perf_counter()
             evaluator.begin_step(n, skip_done=(n <= store.records_until))
-            x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik)
+            x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik,
+                                       built.localiser, (k.inflation, k.inflation_factor))
             _commit(store, evaluator, n, x, float("nan"), [info], t_step)
             bar.update(1)
             bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")

@@ -61,7 +61,7 @@ def test_inspect_and_report_commands(tmp_path):
     r = cli("report", str(out))
     assert r.returncode == 0, r.stderr
     pngs = [line for line in r.stdout.splitlines() if line.endswith(".png")]
-    assert len(pngs) == 4 and all(pathlib.Path(p).stat().st_size > 10_000 for p in pngs)
+    assert len(pngs) == 5 and all(pathlib.Path(p).stat().st_size > 10_000 for p in pngs)
     r = cli("inspect", str(tmp_path / "nothing"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 

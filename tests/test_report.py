@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from enkg_dist import config as cfgmod
-from enkg_dist import report, runner
+from enkg_dist import plots, report, runner, table
 from enkg_dist.backends import TooManyFailures
 from enkg_dist.store import FAILED, NOT_RUN, RunStore
 
@@ -46,7 +46,7 @@ def test_inspect_finished_run(finished):
     assert s["failures_by_reason"] == {"non-finite forward output": s["failures"]}
     for r in s["steps"]:
         assert sum(r["failed"]) == int((status[r["step"]] == FAILED).sum())
-    text = report.inspect_run(out)
+    text = table.inspect_run(out)
     assert len(ROW.findall(text)) == 10
     assert "status: finished (10 of 10 steps committed)" in text
     assert f"failures: {s['failures']} of {s['forward_evaluations']} forward evaluations" in text
@@ -69,7 +69,7 @@ def test_make_report_finished_run(finished, tmp_path):
     assert curves["posterior_mean_rel_l2"] == pytest.approx(metrics["posterior_mean_rel_l2"], abs=1e-9)
 
     # what the figures draw is these data
-    figs = report._figures(report.report_data(out))
+    figs = plots.run_figures(report.report_data(out))
     lines = {ln.get_gid(): ln for f in figs.values() for ax in f.axes for ln in ax.lines if ln.get_gid()}
     np.testing.assert_allclose(lines["rel_l2_mean"].get_ydata(), curves["rel_l2_mean"])
     assert lines["rel_l2_mean"].get_ydata()[-1] == pytest.approx(metrics["rel_l2_mean"], abs=1e-6)
@@ -104,12 +104,12 @@ def test_run_in_progress(finished, tmp_path):
     assert s["failures"] == int((status[:6] == FAILED).sum())
     assert s["forward_evaluations"] == int((status[:6] != NOT_RUN).sum())
     assert s["pending"]["recorded"] == int((status[6] != NOT_RUN).sum())
-    text = report.inspect_run(live)
+    text = table.inspect_run(live)
     assert "in progress" in text and "6 of 10 steps committed" in text and len(ROW.findall(text)) == 6
     assert f"failures: {s['failures']} of" in text
 
     paths = report.make_report(live)
-    assert len(paths) == 4 and all(p.stat().st_size > 10_000 for p in paths)
+    assert len(paths) == 5 and all(p.stat().st_size > 10_000 for p in paths)
     curves = json.loads((live / "report" / "curves.json").read_text())
     assert curves["step"] == list(range(6)) and curves["state"] == "in progress"
     truth = runner.build(cfgmod.validate(_config(live))).problem.x_true.numpy()
@@ -130,7 +130,7 @@ def test_store_written_step_by_step(tmp_path):
     path = tmp_path / "run" / "store.zarr"
     st = RunStore.create(path, config=cfg.model_dump(mode="json"), config_yaml=cfgmod.dump(cfg), J=J,
                          state_shape=shape, obs_size=m, num_steps=5, num_corrections=K)
-    assert "no step committed yet" in report.inspect_run(path.parent)
+    assert "no step committed yet" in table.inspect_run(path.parent)
     with pytest.raises(report.ReportError, match="no step committed"):
         report.make_report(path.parent)
     reasons = {(1, 0, 1): "timeout after 3 s: process group killed", (1, 1, 2): "timeout after 10 s: killed",
@@ -154,21 +154,21 @@ def test_store_written_step_by_step(tmp_path):
     assert s["failures_per_step_by_category"]["timeout after # s"] == [0, 2, 0]
     assert s["steps"][1]["ok"] == [3, 3] and s["steps"][1]["failed"] == [1, 1] and s["steps"][0]["ok"] == []
     assert s["step_seconds"] == pytest.approx(1.5) and s["pending"] == {"step": 3, "recorded": 8, "failed": 1}
-    text = report.inspect_run(path.parent)
+    text = table.inspect_run(path.parent)
     assert len(ROW.findall(text)) == 3 and "in progress or interrupted at step 3 (3 of 5 steps committed" in text
     assert "never committed" not in text and "3/1 3/1" in text
 
     paths = report.make_report(path.parent)
-    assert len(paths) == 4 and all(p.stat().st_size > 10_000 for p in paths)
+    assert len(paths) == 5 and all(p.stat().st_size > 10_000 for p in paths)
     curves = json.loads((path.parent / "report" / "curves.json").read_text())
     assert curves["failures"] == {"timeout after # s": [0, 2, 0], "simulator raised SimulatorCrash": [0, 0, 1]}
     assert curves["misfit"][0] == [None, 2.0, 2.0]
     st.close()
 
     # a problem without a truth (or one not rebuildable here): no error curve, no truth panels
-    d = report.report_data(path.parent, reference=(None, None, None, "problem not rebuilt"))
-    assert d["rel_l2_mean"] is None and d["note"] == "problem not rebuilt"
-    figs = report._figures(d)
+    d = report.report_data(path.parent, reference={})
+    assert d["rel_l2_mean"] is None and d["note"] == "no truth stored" and d["calibration"]["steps"] == []
+    figs = plots.run_figures(d)
     assert len(figs["convergence"].axes) == 1 and {ln.get_gid() for ln in figs["convergence"].axes[0].lines} >= {
         "misfit-0", "misfit-1"}
     for f in figs.values():
@@ -184,8 +184,8 @@ def test_stopped_run(tmp_path):
         stopped = json.loads((out / "stopped.json").read_text())
         s = report.summary(out)
         assert s["state"] == "stopped" and s["committed_steps"] == stopped["step"]
-        assert f"stopped at step {stopped['step']}" in report.inspect_run(out)
+        assert f"stopped at step {stopped['step']}" in table.inspect_run(out)
         if s["committed_steps"]:
-            assert len(report.make_report(out)) == 4
+            assert len(report.make_report(out)) == 5
     else:
         assert report.summary(out)["state"] == "finished"

@@ -427,3 +427,119 @@ def test_checkpoint_every_writes_ensembles_sparsely_and_resume_replays_from_the_
     assert r.resume_state()[0] == 5 and r.records_until == 6
     with pytest.raises(ValueError, match="checkpoint_every"):
         RunStore.open(path, checkpoint_every=0)
+
+
+# ---- creation that a kill cannot wedge, and the root metadata's recovery copy
+
+
+@pytest.mark.parametrize("point", ["root", "arrays-made", "recovery", "marker"])
+def test_a_creation_stopped_at_any_stage_is_never_taken_for_a_store(tmp_path, point, monkeypatch):
+    """In-process: a creation that fails at a stage leaves nothing at the store's name (the kill version, with a
+    real SIGKILL, is in test_store_creation.py)."""
+    from enkg_dist.store import probe, runstore
+
+    class Stop(Exception):
+        pass
+
+    def hook(p):
+        if p == point:
+            raise Stop
+
+    monkeypatch.setattr(runstore, "CREATE_HOOK", hook)
+    path = tmp_path / "run.zarr"
+    with pytest.raises(Stop):
+        make(path)
+    assert probe(path) == "absent" and not path.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(runstore, "CREATE_HOOK", None)
+    make(path).close()
+    assert probe(path) == "store" and RunStore.open(path).committed_step == -1
+
+
+def test_a_half_created_store_under_an_url_lacks_its_creation_marker():
+    """Where no rename is atomic (fsspec URLs), format_version is written last: without it the store is
+    'half-created', and discard_half_created removes it."""
+    import zarr
+
+    from enkg_dist.store import discard_half_created, probe
+
+    path = "memory://half/run.zarr"
+    zarr.open_group(path, mode="w-", attributes={"creating": True, "committed_step": -1})
+    assert probe(path) == "half-created"
+    with pytest.raises(StoreError, match="creation was interrupted"):
+        RunStore.open(path)
+    discard_half_created(path)
+    assert probe(path) == "absent"
+    make(path).close()
+    assert probe(path) == "store"
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garbage"])
+def test_a_lost_or_truncated_root_zarr_json_costs_no_committed_step(tmp_path, damage):
+    from enkg_dist.store import committed_step_of, probe
+
+    path = tmp_path / "run.zarr"
+    with make(path, full_every=3) as store:
+        run_steps(store, range(5))
+    root = path / "zarr.json"
+    if damage == "delete":
+        root.unlink()
+    elif damage == "truncate":
+        root.write_bytes(root.read_bytes()[:37])
+    else:
+        root.write_bytes(b"\x00\x01 not json")
+    damaged = root.read_bytes() if root.exists() else None
+    assert probe(path) == "root-damaged" and committed_step_of(path) == 4
+    r = RunStore.open(path)  # read-only: from the recovery copy, nothing written
+    assert r.committed_step == 4 and r.resume_state()[0] == 4 and r.config == CONFIG
+    assert np.array_equal(r.resume_state()[1], particles_for(4))
+    assert (root.read_bytes() if root.exists() else None) == damaged  # a reader writes nothing
+    assert open_xarray_fails_clearly(path)
+    with pytest.warns(UserWarning, match="rebuilt from its recovery copy \\(committed step 4\\)"):
+        a = RunStore.open(path, "a")
+    run_steps(a, [5])
+    a.close()
+    assert probe(path) == "store" and RunStore.open(path).resume_state()[0] == 5
+    assert open_xarray(path).sizes["step"] == 6
+
+
+def open_xarray_fails_clearly(path) -> bool:
+    """A reader that needs the root (xarray) says what to do, in one line."""
+    with pytest.raises(StoreError, match="cannot be read .*`enkg-dist resume` rebuilds it") as e:
+        open_xarray(path)
+    return "\n" not in str(e.value)
+
+
+def test_root_and_recovery_both_lost_is_a_clear_error(tmp_path):
+    from enkg_dist.store import probe
+
+    path = tmp_path / "run.zarr"
+    with make(path) as store:
+        run_steps(store, range(2))
+    (path / "zarr.json").unlink()
+    (path / "recovery" / "zarr.json").unlink()
+    assert probe(path) == "damaged"
+    with pytest.raises(StoreError, match="missing or unreadable and so is its recovery copy") as e:
+        RunStore.open(path, "a")
+    assert "\n" not in str(e.value)
+
+
+def test_verify_store_names_array_step_and_file_of_each_bad_chunk(tmp_path):
+    from enkg_dist.store import verify_store
+
+    path = tmp_path / "run.zarr"
+    with make(path, full_every=3) as store:
+        run_steps(store, range(6))
+    assert verify_store(path) == []
+    flipped = chunk_file(path, "particles", 2, 4)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    chunk_file(path, "mean", 4, 3).unlink()
+    status = Path(path, "status", "c", "1", "1", "0")
+    status.write_bytes(status.read_bytes()[:-3])
+    bad = {(b.array, b.step): b for b in verify_store(path)}
+    assert set(bad) == {("particles", 2), ("mean", 4), ("status", 1)}
+    assert bad["particles", 2].file == str(flipped) and "CRC32C checksum mismatch" in bad["particles", 2].problem
+    assert bad["mean", 4].problem == "missing" and bad["status", 1].file == str(status)
+    assert bad["mean", 4].line() == f"array 'mean' step 4: {chunk_file(path, 'mean', 4, 3)}: missing"
+    assert [b.array for b in verify_store(path, arrays=["mean"])] == ["mean"]

@@ -194,8 +194,8 @@ def create_layout(path, attrs: dict, build: Callable[[zarr.Group], None], storag
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
         raise StoreError(f"run store {path}: a store already exists there; resume it or choose another "
                          "directory") from None
-    hook("root")
     try:
+        hook("root")
         build(root)
         hook("arrays")
         root.create_group(RECOVERY, attributes={**final, "creating": False})

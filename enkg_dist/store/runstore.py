@@ -140,6 +140,8 @@ class RunStore:
             else:
                 arrays = {name: zarr.open_array(path, path=name, mode=zmode, storage_options=storage_options)
                           for name in L.ARRAYS}
+            # an all-NaN row (no correction ran, a failed block) still leaves its chunk: missing means damage
+            arrays = {name: a.with_config(L._WRITE_ALL) for name, a in arrays.items()}
         except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError,
                 ValueError) as e:
             missing = str(e).split(":")[0] if isinstance(e, KeyError) else L.one_line(e)

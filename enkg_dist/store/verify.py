@@ -12,7 +12,8 @@ from zarr.core.sync import sync
 
 from enkg_dist.store import layout as L
 
-STEP_ARRAYS = ("mean", "std", "sigma", "misfit", "weight", "timings")  # a chunk for every committed step
+STEP_ARRAYS = ("mean", "std")  # a chunk for every committed step (sigma, misfit, weight and timings of older stores
+# left out all-NaN rows: for them a missing chunk reads as what was written)
 RECORD_ARRAYS = ("psi", "status", "reason")
 
 

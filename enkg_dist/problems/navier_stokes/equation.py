@@ -64,6 +64,7 @@ class NavierStokes2D:
         self.forcing_amplitude, self.forcing_wavenumber = float(forcing_amplitude), int(forcing_wavenumber)
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
         cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        self.cdtype = cdtype
         k1, k2 = _wavenumbers(n, dtype, self.device)
         self.k2_abs = k1**2 + k2**2  # |k|^2, -Lap in Fourier space
         self.inv_lap = torch.where(self.k2_abs > 0, 1.0 / self.k2_abs.clamp_min(1.0), 0.0)
@@ -79,6 +80,14 @@ class NavierStokes2D:
         self._to_v = -self.mask * self.inv_lap * self.ik1
         out_mask = self.mask if dealias == "two_thirds" else torch.ones_like(self.mask)
         self._neg_dx, self._neg_dy = -out_mask * self.ik1, -out_mask * self.ik2
+        # stacked multipliers, one broadcast product and one FFT call per stage: w_hat -> masked (w, u, v) for the
+        # tendency, then unmasked (u, v) for the step rule's max|u|; the flux pair -> the divergence's two terms
+        # (complex, also the mask: a complex x real product first casts its real factor, one more pass)
+        self._tendency_mult = torch.stack([self.mask.to(cdtype), self._to_u, self._to_v])
+        self._first_mult = torch.cat([self._tendency_mult, torch.stack([self.inv_lap * self.ik2,
+                                                                        -self.inv_lap * self.ik1])])
+        self._flux_mult = torch.stack([self._neg_dx, self._neg_dy])
+        self.half_viscous = 0.5 * self.viscous_symbol()  # L/2 for the Crank–Nicolson factors
 
     @property
     def nu(self) -> float:
@@ -134,19 +143,26 @@ class NavierStokes2D:
 
     def tendency(self, w_hat: torch.Tensor) -> torch.Tensor:
         """N(w_hat) = -F[div(u w)] + f_hat (= -F[u . grad w] + f_hat since div u = 0), dealiased."""
-        spec = w_hat.new_empty((3, *w_hat.shape))  # masked (w, u, v) in Fourier space, one batched inverse FFT
-        torch.mul(w_hat, self.mask, out=spec[0])
-        torch.mul(w_hat, self._to_u, out=spec[1])
-        torch.mul(w_hat, self._to_v, out=spec[2])
-        w, u, v = self.ifft(spec)
-        flux = w.new_empty((2, *w.shape))
-        torch.mul(u, w, out=flux[0])
-        torch.mul(v, w, out=flux[1])
-        uw_hat, vw_hat = self.fft(flux)
-        nonlin = uw_hat.mul_(self._neg_dx).add_(vw_hat.mul_(self._neg_dy))
+        return self._tendency(w_hat.unsqueeze(-3) * self._tendency_mult)[0]
+
+    def tendency_and_max_speed2(self, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N(w_hat), max over the grid of u^2 + v^2 per member): the tendency and the step rule's speed from one
+        batched inverse FFT of five fields (masked w, u, v for N; unmasked u, v for the speed, as `max_speed`)."""
+        return self._tendency(w_hat.unsqueeze(-3) * self._first_mult)
+
+    def _tendency(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """N(w_hat) from the spectra (..., K, n, n//2+1) of masked w, u, v, and max(u^2 + v^2) over fields 4-5 (the
+        unmasked velocity) when K = 5."""
+        fields = self.ifft(spec)  # (..., K, n, n)
+        flux = fields[..., 1:3, :, :] * fields[..., 0:1, :, :]  # (u w, v w)
+        flux_hat = self.fft(flux).mul_(self._flux_mult)  # (-d/dx F[u w], -d/dy F[v w])
+        nonlin = flux_hat[..., 0, :, :].add_(flux_hat[..., 1, :, :])
         if self.forcing_amplitude:
             nonlin[..., 0, self.forcing_wavenumber] += self.f_mode
-        return nonlin
+        if spec.shape[-3] == 3:
+            return nonlin, None
+        uv = fields[..., 3:5, :, :]
+        return nonlin, (uv * uv).sum(dim=-3).amax(dim=(-2, -1))
 
     def __repr__(self) -> str:
         return (f"NavierStokes2D(n={self.n}, Re={self.Re:g}, forcing={self.forcing_amplitude:g}cos"

@@ -4,13 +4,24 @@ Step rule (the authors', enkg.md §4): dt = min(cfl h / max|u|, 0.5 h^2 / mu), l
 h = 1/N (not the grid spacing 2 pi/N: 2 pi times more cautious), cfl = 0.5 and mu = nu sqrt(max|f|) (= 0.01 at
 Re = 200 with f = -4 cos 4y; mu = nu without forcing). "per_member" applies it to each member's own max|u|, so a
 member's trajectory does not depend on its batch-mates; "paper" takes the max over the batch, as the authors do.
-All still-running members advance together in one batched FFT step (in chunks of CPU_CHUNK members on CPU); members
-that reach T, blow up, or exhaust `max_steps` leave the batch.
+
+Members are solved in lanes of `chunk` members (one batched FFT call per stage; members that reach T, blow up or
+exhaust `max_steps` leave their lane). Each step costs 12 real FFTs (an unavoidable 5 per tendency evaluation, 2 for
+the step rule's velocity), issued as 4 calls: the step rule's velocity comes out of the same inverse FFT call as the
+predictor's tendency (`NavierStokes2D.tendency_and_max_speed2`). On CPU the lanes run on torch.get_num_threads()
+threads, each computing with one intra-op thread: a member's bits depend on the members in its lane (chunk) only,
+never on the thread count; with chunk=1 they depend on nothing but the member. In per-member and fixed modes lanes
+run to T independently; in paper mode they advance in lock-step, the batch's step taken between steps.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +31,15 @@ from enkg_dist.problems.navier_stokes.integrator import heun_cn_step
 
 MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
-CPU_CHUNK = 8  # members per FFT call on CPU: larger batches fall out of cache (~30% slower at 64 members, 1 thread)
+LANE_BYTES = 2 << 20  # default lane on CPU: as many members as keep its ~20 work arrays within this (about L2)
+MAX_CHUNK = 64
 
 
 @dataclass
 class SolveResult:
     """omega (B, N, N): w(., T), NaN for failed members; steps (B,) steps each member took; ok (B,); reasons[b] why
-    member b failed (None if it reached T); t (B,) time reached; batch_steps: batched FFT steps taken."""
+    member b failed (None if it reached T); t (B,) time reached; batch_steps: the most steps any member took (the
+    lock-step rounds in paper and fixed modes)."""
 
     omega: torch.Tensor
     steps: torch.Tensor
@@ -52,12 +65,18 @@ def cfl_step(max_speed: torch.Tensor, h: float, mu: float, cfl: float = 0.5) -> 
                                                                               device=max_speed.device))
 
 
-def _chunked(fn, chunk: int, *rows: torch.Tensor) -> torch.Tensor:
-    """fn on `chunk` rows at a time, concatenated; chunk=1 makes each row's bits independent of the batch (FFTs
-    vectorise across rows, so a batched call may differ at round-off)."""
-    if rows[0].shape[0] <= chunk:
-        return fn(*rows)
-    return torch.cat([fn(*(r[i : i + chunk] for r in rows)) for i in range(0, rows[0].shape[0], chunk)])
+def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[float]:
+    """cfl_step on a list of float64 speeds, in Python floats (the same IEEE double operations)."""
+    viscous = 0.5 * h * h / mu
+    return [min(cfl * h / s, viscous) if s != 0 else viscous for s in speeds]  # NaN speed -> NaN step
+
+
+def default_chunk(n: int, dtype: torch.dtype) -> int:
+    """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
+    fit in LANE_BYTES. Small grids batch to spread the per-call overhead; at 128^2 float32 one member already fills
+    a core's L2 and larger lanes were measured slower (the FFTs fall out of cache)."""
+    per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
 
 def _default_equation(omega: torch.Tensor, mode: str) -> NavierStokes2D:
@@ -65,16 +84,165 @@ def _default_equation(omega: torch.Tensor, mode: str) -> NavierStokes2D:
                           device=omega.device)
 
 
+class _Lane:
+    """Members solved together, one batched FFT call per stage: their state, times, step counts, and what was found
+    so far (w(T) of the members that landed, reasons of those that failed). Pending n1 / s2: N(w) and max|u|^2 at
+    the current state, computed at the end of the previous step (the next step's predictor and step rule)."""
+
+    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool):
+        self.members, self.w_hat, self.eq, self.adaptive = members, w_hat, eq, adaptive
+        self.t = [0.0] * len(members)
+        self.steps = [0] * len(members)
+        self.finished: list[tuple[int, torch.Tensor | None, int, float, str | None]] = []
+        self.n1 = self.s2 = None
+        self._look()
+
+    def _look(self) -> None:
+        """N(w) (and max|u|^2 when the step is adaptive) at the current state."""
+        if self.adaptive:
+            self.n1, self.s2 = self.eq.tendency_and_max_speed2(self.w_hat)
+        else:
+            self.n1, self.s2 = self.eq.tendency(self.w_hat), None
+
+    def speeds(self) -> list[float]:
+        """max|u| per member as float64 (NaN or inf: the velocity is not finite): sqrt in the field's dtype."""
+        return self.s2.sqrt().to(torch.float64).tolist()
+
+    def advance(self, steps: list[float], bad_speed: list[bool], T: float, max_steps: int) -> None:
+        """One step of every member by its dt (landing on T when within LANDING_TOL), then who leaves and why."""
+        last, dts = [], []
+        for i, dt in enumerate(steps):
+            rem = T - self.t[i]
+            land = rem <= dt * (1 + LANDING_TOL)
+            last.append(land)
+            dts.append(rem if land else dt)
+        dt = torch.tensor(dts, dtype=torch.float64, device=self.w_hat.device)
+        self.w_hat = heun_cn_step(self.eq, self.w_hat, dt, self.n1)
+        self.n1 = self.s2 = None
+        finite = _finite_rows(self.w_hat)
+        keep, leaving = [], []
+        for i in range(len(self.members)):
+            self.t[i] = T if last[i] else self.t[i] + dts[i]
+            self.steps[i] += 1
+            bad = bad_speed[i] or not finite[i]
+            over = not last[i] and self.steps[i] >= max_steps
+            if not (bad or last[i] or over):
+                keep.append(i)
+                continue
+            at = f"at step {self.steps[i]} (t={self.t[i]:.4g})"
+            if bad:
+                reason = f"non-finite {'velocity' if bad_speed[i] else 'vorticity'} {at}"
+            elif over:
+                reason = f"step budget exhausted: {max_steps} steps reached only t={self.t[i]:.4g} < T={T:g}"
+            else:
+                reason = None
+            leaving.append((i, reason))
+        if not leaving:
+            self._look()
+            return
+        landed = [i for i, reason in leaving if reason is None]
+        omega = self.eq.ifft(self.w_hat[landed]) if landed else None
+        for i, reason in leaving:
+            field = omega[landed.index(i)] if reason is None else None
+            self.finished.append((self.members[i], field, self.steps[i], self.t[i], reason))
+        self.members = [self.members[i] for i in keep]
+        self.t = [self.t[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]
+        self.w_hat = self.w_hat[keep]
+        if keep:
+            self._look()
+
+
+def _finite_rows(w_hat: torch.Tensor) -> list[bool]:
+    """Whether each member's field is finite: a sum per member, confirmed elementwise where it is not finite (a sum
+    of finite values can overflow)."""
+    sums = torch.view_as_real(w_hat).sum(dim=(-3, -2, -1))
+    finite = torch.isfinite(sums).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            finite[i] = bool(torch.isfinite(torch.view_as_real(w_hat[i])).all())
+    return finite
+
+
+# --- threads: lanes on worker threads that each compute with one intra-op thread ---------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_pid = -1
+_pool_lock = threading.Lock()
+
+
+def _workers(extra: int) -> ThreadPoolExecutor:
+    """A pool of at least `extra` threads whose torch ops run single-threaded (made once per process)."""
+    global _pool, _pool_size, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_size < extra or _pool_pid != os.getpid():
+            before = torch.get_num_threads()
+            pool = ThreadPoolExecutor(extra, thread_name_prefix="ns-lane", initializer=torch.set_num_threads,
+                                      initargs=(1,))
+            started = threading.Barrier(extra + 1)
+            for _ in range(extra):  # start every thread now, so that their set_num_threads(1) is over ...
+                pool.submit(started.wait)
+            started.wait()
+            torch.set_num_threads(before)  # ... before this restores the process default it also set
+            if _pool is not None and _pool_pid == os.getpid():
+                _pool.shutdown(wait=False)
+            _pool, _pool_size, _pool_pid = pool, extra, os.getpid()
+        return _pool
+
+
+@contextmanager
+def _single_threaded_ops():
+    """torch ops in this thread on one intra-op thread (FFT results can depend on the intra-op thread count)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_all(tasks, threads: int) -> None:
+    """Run the zero-argument callables: here and on threads-1 pool threads, each taking the next from a queue."""
+    tasks = deque(tasks)
+    if threads <= 1 or len(tasks) <= 1:
+        while tasks:
+            tasks.popleft()()
+        return
+
+    def drain():
+        while True:
+            try:
+                task = tasks.popleft()
+            except IndexError:
+                return
+            task()
+
+    futures = [_workers(threads - 1).submit(drain) for _ in range(min(threads, len(tasks)) - 1)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+
+
 def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equation: NavierStokes2D | None = None,
           dt: float | None = None, cfl: float = 0.5, h: float | None = None, max_steps: int = 100_000,
-          chunk: int | None = None) -> SolveResult:
+          chunk: int | None = None, threads: int | None = None) -> SolveResult:
     """w(., T) from w(., 0) = omega0 (B, N, N), float32 or float64, on omega0's device.
 
     mode "per_member" | "paper" use the step rule above; "fixed" uses the given dt. The default equation is Re = 200,
     f = -4 cos 4y, with 2/3-rule dealiasing, or the authors' disc mask in "paper" mode; a given `equation` is used as
     is (cast to omega0's dtype and device). A member is failed, with a reason, when its field is or becomes
     non-finite or when it has taken `max_steps` steps without reaching T; the others carry on. chunk: members per
-    FFT call (default CPU_CHUNK on CPU, the whole batch elsewhere).
+    lane, i.e. per FFT call (default `default_chunk` on CPU, the whole batch elsewhere); chunk=1 makes each member's
+    bits independent of the batch. threads: CPU threads to spread the lanes over (default torch.get_num_threads());
+    results do not depend on it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; choose one of {MODES}")
@@ -88,7 +256,9 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     if eq.n != omega0.shape[-1]:
         raise ValueError(f"equation is for {eq.n}^2 grids, omega0 is {omega0.shape[-1]}^2")
     h = 1.0 / eq.n if h is None else float(h)
-    chunk = chunk or (CPU_CHUNK if omega0.device.type == "cpu" else max(omega0.shape[0], 1))
+    cpu = omega0.device.type == "cpu"
+    chunk = chunk or (default_chunk(eq.n, eq.dtype) if cpu else max(omega0.shape[0], 1))
+    threads = (threads or torch.get_num_threads()) if cpu else 1
     mu = step_viscosity(eq)
     T = float(T)
     if not T >= 0:
@@ -103,47 +273,53 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     for b, fin in enumerate(finite0):
         if not fin:
             reasons[b] = "non-finite initial vorticity"
-    active = torch.tensor([b for b in range(B) if finite0[b]], dtype=torch.long, device=dev)
+    active = [b for b in range(B) if finite0[b]]
     if T == 0:
         out[active] = omega0[active]
-        active = active[:0]
-    w_hat = _chunked(eq.fft, chunk, omega0[active]) if active.numel() else None
-    batch_steps = 0
+        active = []
+    groups = [active[i : i + chunk] for i in range(0, len(active), chunk)]
+    lanes: list[_Lane] = [None] * len(groups)
+    adaptive = mode != "fixed"
 
-    while active.numel():
-        if mode == "fixed":
-            step = torch.full((active.numel(),), float(dt), dtype=torch.float64, device=dev)
-            bad_speed = torch.zeros(active.numel(), dtype=torch.bool, device=dev)
+    def start(k: int) -> None:
+        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]]), eq, adaptive)
+
+    def rule(lane: _Lane) -> tuple[list[float], list[bool]]:
+        """This lane's own steps and non-finite-speed flags (per-member rule, or the fixed dt)."""
+        if not adaptive:
+            return [float(dt)] * len(lane.members), [False] * len(lane.members)
+        speeds = lane.speeds()
+        return _cfl_steps(speeds, h, mu, cfl), [not math.isfinite(s) for s in speeds]
+
+    def run_lane(k: int) -> None:
+        start(k)
+        lane = lanes[k]
+        while lane.members:
+            lane.advance(*rule(lane), T, max_steps)
+
+    with _single_threaded_ops() if cpu else _nothing():
+        if mode != "paper":
+            _run_all([lambda k=k: run_lane(k) for k in range(len(groups))], threads)
         else:
-            speed = _chunked(eq.max_speed, chunk, w_hat)
-            bad_speed = ~torch.isfinite(speed)
-            step = cfl_step(speed, h, mu, cfl)
-            if mode == "paper":  # one step for the whole batch: its fastest member sets it
-                step = step[~bad_speed].min().expand_as(step) if bool((~bad_speed).any()) else step
-        rem = T - t[active]
-        last = rem <= step * (1 + LANDING_TOL)
-        step = torch.where(last, rem, step)
-        w_hat = _chunked(lambda w, d: heun_cn_step(eq, w, d), chunk, w_hat, step)
-        batch_steps += 1
-        t[active] = torch.where(last, T, t[active] + step)
-        steps[active] += 1
+            _run_all([lambda k=k: start(k) for k in range(len(groups))], threads)
+            while any(lane.members for lane in lanes):
+                live = [lane for lane in lanes if lane.members]
+                rules = [rule(lane) for lane in live]
+                good = [s for st, bad in rules for s, b in zip(st, bad) if not b]
+                batch_dt = min(good) if good else None  # one step for the whole batch: its fastest member sets it
+                _run_all([lambda lane=lane, st=st, bad=bad: lane.advance(
+                    [batch_dt if batch_dt is not None else s for s in st], bad, T, max_steps)
+                    for lane, (st, bad) in zip(live, rules)], threads)
 
-        bad = bad_speed | ~torch.isfinite(torch.view_as_real(w_hat)).all(dim=(-3, -2, -1))
-        over = ~last & (steps[active] >= max_steps)
-        leave = bad | last | over
-        if not bool(leave.any()):
-            continue
-        done = last & ~bad
-        if bool(done.any()):
-            out[active[done]] = _chunked(eq.ifft, chunk, w_hat[done])
-        flags = zip(active[leave].tolist(), bad_speed[leave].tolist(), bad[leave].tolist(), over[leave].tolist())
-        for b, no_speed, is_bad, is_over in flags:
-            at = f"at step {int(steps[b])} (t={float(t[b]):.4g})"
-            if is_bad:
-                reasons[b] = f"non-finite {'velocity' if no_speed else 'vorticity'} {at}"
-            elif is_over:
-                reasons[b] = f"step budget exhausted: {max_steps} steps reached only t={float(t[b]):.4g} < T={T:g}"
-        w_hat, active = w_hat[~leave], active[~leave]
-
+    for lane in lanes:
+        for member, omega, n_steps, t_end, reason in lane.finished:
+            steps[member], t[member], reasons[member] = n_steps, t_end, reason
+            if omega is not None:
+                out[member] = omega
     ok = torch.tensor([r is None for r in reasons], dtype=torch.bool, device=dev)
-    return SolveResult(out, steps, ok, reasons, t, batch_steps)
+    return SolveResult(out, steps, ok, reasons, t, int(steps.max()) if B else 0)
+
+
+@contextmanager
+def _nothing():
+    yield
