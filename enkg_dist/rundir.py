@@ -50,13 +50,14 @@ class RunStopped(RuntimeError):
     kept; the message is one line that says how to continue."""
 
 
-def fault_line(e: BaseException) -> str:
-    """One line for an operating-system fault, found in `e` or the errors that caused it, naming the file."""
+def fault_line(e: BaseException, where: str | None = None) -> str:
+    """One line for an operating-system fault, found in `e` or the errors that caused it, naming the file (or
+    `where`, when the error names none)."""
     seen, err = set(), e
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno is not None:
-            where = f" ({err.filename})" if err.filename else ""
+            where = f" ({err.filename})" if err.filename else f" (writing under {where})" if where else ""
             if err.errno == errno.ENOSPC:
                 return f"no space left on device{where}"
             if err.errno == errno.EDQUOT:
@@ -216,8 +217,9 @@ class RunDirLock:
         is gone or taken."""
         while not self._stop.wait(self.heartbeat):
             lease = self._read_lease()
-            if not self.run_dir.is_dir():
-                self._fail(RunDirError(f"run directory {self.run_dir} disappeared during the run"))
+            if not (self.run_dir / LOCK_FILE).exists():  # writes in flight may have made the directory again
+                self._fail(RunDirError(f"run directory {self.run_dir} disappeared during the run (its lock file is "
+                                       "gone); stopping"))
                 return
             if lease is None or lease.get("token") != self._me["token"]:
                 who = _holder_text(lease) if lease else "nobody (the lease file is gone)"

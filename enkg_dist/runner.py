@@ -386,8 +386,8 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
         if not isinstance(e, (OSError, MemoryError, StoreError)):
             raise
         t = _committed(cfg, rd.path)
-        raise rundir.RunStopped(f"{rundir.fault_line(e)}; the run stopped with {t + 1} step(s) committed; once "
-                                f"that is fixed, continue with: enkg-dist resume {rd.path}") from e
+        raise rundir.RunStopped(f"{rundir.fault_line(e, str(rd.path))}; the run stopped with {t + 1} step(s) "
+                                f"committed; once that is fixed, continue with: enkg-dist resume {rd.path}") from e
     finally:
         rd.close()
 
