@@ -1,9 +1,10 @@
-"""Strong scaling of the slab-decomposed MPI Navier–Stokes solver (enkg_dist.problems.mpi_navier_stokes): one N x N
-field, a fixed number of adaptive steps (global max|u| by Allreduce each step), R ranks, time per step and speed-up
-over R = 1. Rows with more ranks than CPU cores are oversubscribed and marked so. The serial torch solver (one
-thread, same field, same steps) is timed too, as the reference.
+"""Strong scaling of the slab-decomposed MPI Navier–Stokes solver (enkg_dist.problems.mpi_navier_stokes) against the
+serial torch solver: one N x N float64 field, a fixed number of adaptive steps (global max|u| by Allreduce each
+step), R ranks of one thread each. For each size the serial solver (this process, one thread) and every R are timed
+in turn, `--rounds` times over (so that a busy machine slows all of them alike); each figure is the fastest round.
+Rows with more ranks than CPU cores are oversubscribed and marked so. Prints the load average before and after.
 
-    python benchmarks/bench_mpi_ns.py [--n 256] [--steps 50] [--ranks 1 2 4] [--repeats 3]
+    python benchmarks/bench_mpi_ns.py [--sizes 512 1024 2048] [--steps 20] [--ranks 1 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -34,22 +35,24 @@ def field(n: int, seed: int = 0) -> np.ndarray:
 
 
 def worker(args) -> None:
-    """Run under mpirun: warm up, then time `steps` steps `repeats` times; rank 0 prints the best as JSON."""
+    """Run under mpirun: warm up, then time `steps` steps; rank 0 prints the slowest rank's time as JSON."""
+    import torch
+    from mpi4py import MPI
+
     from enkg_dist.problems.mpi_navier_stokes import solve_mpi, world
 
+    torch.set_num_threads(1)
     comm = world()
     w0 = field(args.n) if comm.Get_rank() == 0 else None
     solve_mpi(w0, 1.0, comm=comm, max_step_count=2, gather=False)  # warm-up (FFT plans, buffers)
-    best = float("inf")
-    for _ in range(args.repeats):
-        comm.Barrier()
-        res = solve_mpi(w0, 1.0, comm=comm, max_step_count=args.steps, gather=False)
-        best = min(best, comm.allreduce(res.seconds, op=__import__("mpi4py.MPI").MPI.MAX))
+    comm.Barrier()
+    res = solve_mpi(w0, 1.0, comm=comm, max_step_count=args.steps, gather=False)
+    seconds = comm.allreduce(res.seconds, op=MPI.MAX)
     if comm.Get_rank() == 0:
-        print(json.dumps({"ranks": comm.Get_size(), "steps": res.steps, "seconds": best}))
+        print(json.dumps({"ranks": comm.Get_size(), "steps": res.steps, "seconds": seconds}))
 
 
-def serial(n: int, steps: int, repeats: int) -> float:
+def serial(n: int, steps: int) -> float:
     """Seconds per step of the serial torch solver (1 thread) on the same field, same adaptive rule."""
     import torch
 
@@ -59,20 +62,22 @@ def serial(n: int, steps: int, repeats: int) -> float:
     w0 = torch.from_numpy(field(n))[None]
     eq = NavierStokes2D(n, dealias="disc")
     solve(w0, 1.0, equation=eq, max_steps=2)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        solve(w0, 1.0, equation=eq, max_steps=steps)  # stops (budget exhausted) after `steps` steps
-        best = min(best, time.perf_counter() - t0)
-    return best / steps
+    t0 = time.perf_counter()
+    solve(w0, 1.0, equation=eq, max_steps=steps)  # stops (budget exhausted) after `steps` steps
+    return (time.perf_counter() - t0) / steps
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--steps", type=int, default=20, help="steps at 512^2, scaled by (512/N)^2 above (at least 3)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -86,25 +91,31 @@ def main() -> None:
     flags = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version else []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    print(f"MPI NS solver, {args.n}^2, {args.steps} adaptive steps, best of {args.repeats}, {cores} CPU core(s)")
-    ref = serial(args.n, args.steps, args.repeats)
-    print(f"serial torch solver (1 thread): {1e3 * ref:.2f} ms/step")
-    print(f"{'ranks':>5} {'ms/step':>9} {'speed-up':>9} {'efficiency':>10}  note")
-    base = None
-    for r in args.ranks:
-        cmd = [mpirun, *flags, "-n", str(r), sys.executable, __file__, "--worker", "--n", str(args.n),
-               "--steps", str(args.steps), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        if out.returncode:
-            print(f"{r:>5} failed: {out.stderr.strip()[-500:]}")
-            continue
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        per = res["seconds"] / res["steps"]
-        if base is None:
-            base = per * r  # the first row (R = 1 normally) is the reference, taken as perfectly efficient
-        sp = base / per
-        note = f"oversubscribed ({r} ranks on {cores} cores)" if r > cores else ""
-        print(f"{r:>5} {1e3 * per:>9.2f} {sp:>9.2f} {sp / r:>10.2f}  {note}")
+    print(f"MPI NS solver, float64, adaptive steps, fastest of {args.rounds} interleaved rounds, {cores} CPU core(s); "
+          f"{load()}")
+    print(f"{'N':>5} {'steps':>5} {'serial ms/step':>14} {'ranks':>5} {'ms/step':>9} {'vs serial':>9} "
+          f"{'speed-up':>8} {'efficiency':>10}  note")
+    for n in args.sizes:
+        steps = max(3, round(args.steps * (512 / n) ** 2)) if n > 512 else args.steps
+        best = {"serial": float("inf"), **{r: float("inf") for r in args.ranks}}
+        for _ in range(args.rounds):
+            best["serial"] = min(best["serial"], serial(n, steps))
+            for r in args.ranks:
+                cmd = [mpirun, *flags, "-n", str(r), sys.executable, __file__, "--worker", "--n", str(n),
+                       "--steps", str(steps)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+                if out.returncode:
+                    sys.exit(f"{r} ranks failed: {out.stderr.strip()[-500:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                best[r] = min(best[r], res["seconds"] / res["steps"])
+        one = best.get(1)
+        for r in args.ranks:
+            per = best[r]
+            sp = one / per if one else float("nan")
+            note = f"oversubscribed ({r} ranks on {cores} cores)" if r > cores else ""
+            print(f"{n:>5} {steps:>5} {1e3 * best['serial']:>14.2f} {r:>5} {1e3 * per:>9.2f} "
+                  f"{best['serial'] / per:>8.2f}x {sp:>8.2f} {sp / r:>10.2f}  {note}")
+    print(load())
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ Layout, R ranks, N % R == 0:
   spectral: rank r owns a block of Kl columns k2 of the rfft half-grid (padded from N/2+1 to Kp = R Kl with zero
             columns that stay zero) and all N wavenumbers k1.
 Forward 2D FFT = local rfft along y + Alltoall transpose + local fft along x; the inverse runs backwards (ifft along
-x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. numpy inside each rank; mpi4py is
-imported lazily (only this module may import it, see tests/test_architecture.py).
+x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. Local FFTs and arithmetic are the
+serial solver's (torch, one intra-op thread per rank): one rank runs exactly the serial kernel (rfft2 / irfft2 on the
+whole grid, no transposes), and each step moves 12 fields in 4 transposes, the step rule's velocity riding with the
+predictor's fields. mpi4py is imported lazily (only this module may import it, see tests/test_architecture.py);
+mpi4py-fft was tried for the distributed FFTs but has no wheel and its source build needs system FFTW libraries.
 
 As a program (plugs into ExternalProgramForward as a simulator that needs MPI):
 
@@ -32,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 LANDING_TOL = 1e-9  # as the serial solver: a step within this fraction of dt of T lands on T
 DEALIAS = ("disc", "two_thirds")
@@ -47,7 +51,7 @@ def world():
 
 
 class SlabFFT:
-    """2D real FFTs of a field whose rows are split over the ranks of `comm`; batched over leading axes.
+    """2D real FFTs of a field whose rows are split over the ranks of `comm`; batched over leading axes (torch).
 
     forward: (B, Nl, N) real -> (B, N, Kl) complex (all k1, this rank's k2 block)
     inverse: (B, N, Kl) complex -> (B, Nl, N) real
@@ -64,33 +68,44 @@ class SlabFFT:
         self.kp = self.kl * self.size
         self.k2_lo = self.rank * self.kl  # this rank's first k2 column
 
-    def forward(self, f: np.ndarray) -> np.ndarray:
-        B, R, nl, kl = f.shape[0], self.size, self.nl, self.kl
-        a = np.zeros((B, nl, self.kp), dtype=np.complex128)
-        a[..., : self.nk] = np.fft.rfft(f, axis=-1)
-        send = np.ascontiguousarray(a.reshape(B, nl, R, kl).transpose(2, 0, 1, 3))  # (R, B, nl, kl)
-        recv = self._alltoall(send)  # recv[s] = rows of rank s, my columns
-        spec = recv.transpose(1, 0, 2, 3).reshape(B, self.n, kl)
-        return np.fft.fft(spec, axis=-2)
+    def layout(self, t: torch.Tensor) -> torch.Tensor:
+        """t (..., N, Kl) in the memory layout of this rank's spectra: row-major with one rank (the serial solver's),
+        k1-contiguous with more (the layout the column FFTs read and write without strides)."""
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if self.size > 1 else t.contiguous()
 
-    def inverse(self, s: np.ndarray) -> np.ndarray:
-        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
-        a = np.fft.ifft(s, axis=-2)  # (B, N, kl)
-        send = np.ascontiguousarray(a.reshape(B, R, nl, kl).transpose(1, 0, 2, 3))  # send[s] = rows of rank s
-        recv = self._alltoall(send)  # recv[s] = my rows, columns of rank s
-        half = recv.transpose(1, 2, 0, 3).reshape(B, nl, self.kp)[..., : self.nk]
-        return np.fft.irfft(half, n=self.n, axis=-1)
-
-    def _alltoall(self, send: np.ndarray) -> np.ndarray:
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """rfft along y, transpose, fft along x."""
         if self.size == 1:
-            return send
-        recv = np.empty_like(send)
-        self.comm.Alltoall(send, recv)
+            return torch.fft.rfft2(f)
+        B, R, nl, kl = f.shape[0], self.size, self.nl, self.kl
+        a = torch.fft.rfft(f, dim=-1)  # (B, nl, nk)
+        send = a.new_zeros((R, B, kl, nl)) if self.kp > self.nk else a.new_empty((R, B, kl, nl))
+        for r in range(R):  # send[r]: the columns of rank r, transposed (padding columns stay zero)
+            lo, hi = r * kl, min((r + 1) * kl, self.nk)
+            send[r, :, : hi - lo, :] = a[..., lo:hi].transpose(-1, -2)
+        recv = self._alltoall(send)  # recv[s] = (B, kl, rows of rank s)
+        spec = recv.permute(1, 2, 0, 3).reshape(B, kl, self.n)
+        return torch.fft.fft(spec, dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
+
+    def inverse(self, s: torch.Tensor) -> torch.Tensor:
+        """ifft along x, transpose, irfft along y."""
+        if self.size == 1:
+            return torch.fft.irfft2(s, s=(self.n, self.n))
+        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
+        a = torch.fft.ifft(s.transpose(-1, -2), dim=-1)  # (B, kl, N): x contiguous
+        send = a.reshape(B, kl, R, nl).permute(2, 0, 1, 3).contiguous()  # send[s] = (B, kl, rows of rank s)
+        recv = self._alltoall(send)  # recv[s] = (B, columns of rank s, my rows)
+        half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)
+        return torch.fft.irfft(half if self.kp == self.nk else half[..., : self.nk], n=self.n, dim=-1)
+
+    def _alltoall(self, send: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(send)
+        self.comm.Alltoall(send.numpy(), recv.numpy())  # numpy views share the tensors' memory
         return recv
 
 
 class SlabNavierStokes:
-    """The right-hand side of NavierStokes2D (equation.py) on this rank's spectral slab (N, Kl)."""
+    """The right-hand side of NavierStokes2D (equation.py) on this rank's spectral slab (N, Kl), float64."""
 
     def __init__(self, fft: SlabFFT, Re: float = 200.0, forcing_amplitude: float = 4.0, forcing_wavenumber: int = 4,
                  dealias: str = "disc"):
@@ -101,31 +116,34 @@ class SlabNavierStokes:
             raise ValueError(f"forcing wavenumber {forcing_wavenumber} is not resolved on a {n}^2 grid")
         self.fft, self.n, self.Re, self.dealias = fft, n, float(Re), dealias
         self.forcing_amplitude, self.forcing_wavenumber = float(forcing_amplitude), int(forcing_wavenumber)
-        cols = np.arange(fft.k2_lo, fft.k2_lo + fft.kl)
+        f64 = torch.float64
+        cols = torch.arange(fft.k2_lo, fft.k2_lo + fft.kl)
         valid = cols < fft.nk  # padding columns carry zero everything
-        k1 = np.fft.fftfreq(n, d=1.0 / n)[:, None] * np.ones((1, fft.kl))
-        k2 = np.where(valid, cols, 0).astype(np.float64)[None, :] * np.ones((n, 1))
-        self.k2_abs = k1**2 + k2**2
-        self.inv_lap = np.where(self.k2_abs > 0, 1.0 / np.maximum(self.k2_abs, 1.0), 0.0)
-        zn1 = np.where(np.abs(k1) == n // 2, 0.0, k1) if n % 2 == 0 else k1
-        zn2 = np.where(np.abs(k2) == n // 2, 0.0, k2) if n % 2 == 0 else k2
-        self.ik1, self.ik2 = 1j * zn1, 1j * zn2
+        k1 = fft.layout(torch.fft.fftfreq(n, d=1.0 / n, dtype=f64)[:, None].expand(n, fft.kl))
+        k2 = fft.layout(torch.where(valid, cols, 0).to(f64)[None, :].expand(n, fft.kl))
+        k2_abs = k1**2 + k2**2
+        inv_lap = torch.where(k2_abs > 0, 1.0 / k2_abs.clamp_min(1.0), 0.0)
+        zn1 = torch.where(k1.abs() == n // 2, 0.0, k1) if n % 2 == 0 else k1
+        zn2 = torch.where(k2.abs() == n // 2, 0.0, k2) if n % 2 == 0 else k2
+        ik1, ik2 = 1j * zn1, 1j * zn2
         if dealias == "two_thirds":
-            keep = (3 * np.abs(k1) < n) & (3 * np.abs(k2) < n)
+            keep = (3 * k1.abs() < n) & (3 * k2.abs() < n)
         else:
             keep = k1**2 + k2**2 <= 2 * (n / 3) ** 2
-        mask = keep.astype(np.float64) * valid[None, :]
+        mask = keep.to(f64) * valid[None, :]
         if fft.k2_lo == 0:
             mask[0, 0] = 0.0
-        self.mask = mask
         self.f_mode = -self.forcing_amplitude * n * n / 2
         c = self.forcing_wavenumber - fft.k2_lo
         self.f_col = c if self.forcing_amplitude and 0 <= c < fft.kl else None
-        self._to_u = self.mask * self.inv_lap * self.ik2
-        self._to_v = -self.mask * self.inv_lap * self.ik1
-        out_mask = self.mask if dealias == "two_thirds" else np.ones_like(self.mask)
-        self._neg_dx, self._neg_dy = -out_mask * self.ik1, -out_mask * self.ik2
-        self.viscous = -(1.0 / self.Re) * self.k2_abs  # nu Lap
+        # as NavierStokes2D: masked (w, u, v) for the tendency and unmasked (u, v) for the step rule, complex
+        to_u, to_v = mask * inv_lap * ik2, -mask * inv_lap * ik1
+        stack = lambda *ts: fft.layout(torch.stack(ts))  # noqa: E731
+        self._tendency_mult = stack(mask.to(torch.complex128), to_u, to_v)
+        self._first_mult = stack(mask.to(torch.complex128), to_u, to_v, inv_lap * ik2, -inv_lap * ik1)
+        out_mask = mask if dealias == "two_thirds" else torch.ones_like(mask)
+        self._flux_mult = stack(-out_mask * ik1, -out_mask * ik2)
+        self.half_viscous = fft.layout(0.5 * (-(1.0 / self.Re) * k2_abs))  # L/2, L = nu Lap
 
     @property
     def nu(self) -> float:
@@ -135,31 +153,30 @@ class SlabNavierStokes:
         """mu = nu sqrt(max|f|) with forcing, nu without (solver.step_viscosity)."""
         return self.nu * (math.sqrt(abs(self.forcing_amplitude)) if self.forcing_amplitude else 1.0)
 
-    def tendency(self, w_hat: np.ndarray) -> np.ndarray:
-        """N(w_hat) = -F[div(u w)] + f_hat on this rank's slab (N, Kl)."""
-        spec = np.stack([w_hat * self.mask, w_hat * self._to_u, w_hat * self._to_v])
-        w, u, v = self.fft.inverse(spec)
-        uw_hat, vw_hat = self.fft.forward(np.stack([u * w, v * w]))
-        nonlin = uw_hat * self._neg_dx + vw_hat * self._neg_dy
+    def tendency(self, w_hat: torch.Tensor, speed: bool = False) -> tuple[torch.Tensor, float | None]:
+        """(N(w_hat) = -F[div(u w)] + f_hat on this rank's slab (N, Kl), and with speed=True the max of u^2 + v^2 over
+        this rank's rows, from the same transpose: NavierStokes2D.tendency_and_max_speed2)."""
+        fields = self.fft.inverse(w_hat.unsqueeze(0) * (self._first_mult if speed else self._tendency_mult))
+        flux_hat = self.fft.forward(fields[1:3] * fields[0:1]).mul_(self._flux_mult)
+        nonlin = flux_hat[0].add_(flux_hat[1])
         if self.f_col is not None:
             nonlin[0, self.f_col] += self.f_mode
-        return nonlin
+        if not speed:
+            return nonlin, None
+        uv = fields[3:5]
+        return nonlin, float((uv * uv).sum(dim=0).max())
 
-    def local_max_speed2(self, w_hat: np.ndarray) -> float:
-        """max of u^2 + v^2 over this rank's rows (the global max is an Allreduce of these)."""
-        psi = w_hat * self.inv_lap
-        u, v = self.fft.inverse(np.stack([self.ik2 * psi, -self.ik1 * psi]))
-        return float((u * u + v * v).max())
-
-    def heun_cn_step(self, w_hat: np.ndarray, dt: float) -> np.ndarray:
-        """integrator.heun_cn_step for one field."""
-        half_dl = 0.5 * dt * self.viscous
-        explicit = w_hat * (1 + half_dl)
-        implicit = 1 / (1 - half_dl)
-        n1 = self.tendency(w_hat)
-        w_tilde = (explicit + dt * n1) * implicit
-        n2 = self.tendency(w_tilde)
-        return (explicit + (0.5 * dt) * (n1 + n2)) * implicit
+    def heun_cn_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor | None = None) -> torch.Tensor:
+        """integrator.heun_cn_step for one field (n1: N(w_hat) if already known)."""
+        half_dl = self.half_viscous * dt
+        implicit = torch.reciprocal_(1 - half_dl)
+        e = half_dl.add_(1).mul_(implicit).to(torch.complex128)
+        g = implicit.mul_(dt).to(torch.complex128)
+        if n1 is None:
+            n1 = self.tendency(w_hat)[0]
+        ew = w_hat * e
+        n2 = self.tendency(torch.addcmul(ew, g, n1))[0]
+        return ew.addcmul_(g, n1.add_(n2), value=0.5)
 
 
 @dataclass
@@ -179,6 +196,23 @@ def _any(comm, flag: bool) -> bool:
     if comm.Get_size() == 1:
         return bool(flag)
     return bool(comm.allreduce(int(bool(flag)), op=_op("MAX")))
+
+
+def _max_of(comm, s2: float, flag: bool) -> tuple[float, bool]:
+    """(max over the ranks of s2, whether any rank raised flag), in one Allreduce. A NaN s2 counts as inf (MPI's MAX
+    is unspecified for NaN; inf fails the same way)."""
+    s2 = s2 if math.isfinite(s2) else math.inf
+    if comm.Get_size() == 1:
+        return s2, bool(flag)
+    buf = np.array([s2, float(bool(flag))])
+    comm.Allreduce(_in_place(), buf, op=_op("MAX"))
+    return float(buf[0]), bool(buf[1])
+
+
+def _in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
 
 
 def _op(name: str):
@@ -233,8 +267,9 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
 
     start = time.perf_counter()
     reason = None
-    if not _any(comm, not np.isfinite(slab).all()):
-        w_hat = fft.forward(slab[None])[0]
+    slab_t = torch.from_numpy(slab)
+    if not _any(comm, not bool(torch.isfinite(slab_t).all())):
+        w_hat = fft.forward(slab_t[None])[0]
     else:
         reason = "non-finite initial vorticity"
         w_hat = None
@@ -243,32 +278,41 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
         out_slab = slab
     else:
         out_slab = None
+    adaptive = dt is None
+    # N(w) and the step rule's max|u|^2 at the current state, from the same transposes; the max over the ranks is
+    # reduced together with the previous step's "non-finite vorticity" flag: one collective a step besides the FFTs
+    n1 = s2 = None
+    if adaptive and reason is None and out_slab is None:
+        n1, s2 = eq.tendency(w_hat, speed=True)
+        s2 = _max_of(comm, s2, False)[0]
     while reason is None and out_slab is None:
         bad_speed = False
-        if dt is None:
-            s2 = eq.local_max_speed2(w_hat)
-            s2 = s2 if math.isfinite(s2) else math.inf  # MPI's MAX is unspecified for NaN; inf fails the same way
-            s2 = comm.allreduce(s2, op=_op("MAX")) if size > 1 else s2
+        if adaptive:
             bad_speed = not math.isfinite(s2)
             speed = math.sqrt(s2) if math.isfinite(s2) else float("nan")
-            with np.errstate(divide="ignore"):
-                step = min(float(np.float64(cfl * h) / np.float64(speed)) if speed > 0 else math.inf,
-                           0.5 * h * h / mu)
+            step = min(cfl * h / speed, 0.5 * h * h / mu) if speed != 0 else 0.5 * h * h / mu
         else:
             step = float(dt)
         rem = T - t
         last = rem <= step * (1 + LANDING_TOL)
         if last:
             step = rem
-        w_hat = eq.heun_cn_step(w_hat, step)
+        w_hat = eq.heun_cn_step(w_hat, step, n1)
         t = T if last else t + step
         steps += 1
-        bad = bad_speed or _any(comm, not np.isfinite(w_hat.view(np.float64)).all())
+        local_bad = not bool(torch.isfinite(torch.view_as_real(w_hat).sum()))  # a sum of finite values may overflow:
+        local_bad = local_bad and not bool(torch.isfinite(torch.view_as_real(w_hat)).all())  # then look at each
+        if adaptive and not last and not bad_speed:
+            n1, s2 = eq.tendency(w_hat, speed=True)
+            s2, bad = _max_of(comm, s2, local_bad)
+        else:
+            n1, bad = None, _any(comm, local_bad)
+        bad = bad_speed or bad
         at = f"at step {steps} (t={t:.4g})"
         if bad:
             reason = f"non-finite {'velocity' if bad_speed else 'vorticity'} {at}"
         elif last:
-            out_slab = fft.inverse(w_hat[None])[0]
+            out_slab = fft.inverse(w_hat[None])[0].numpy()
         elif steps >= max_steps:
             reason = f"step budget exhausted: {max_steps} steps reached only t={t:.4g} < T={T:g}"
         elif max_step_count is not None and steps >= max_step_count:
@@ -307,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     comm = world()
     rank = comm.Get_rank()
+    if comm.Get_size() > 1:
+        torch.set_num_threads(1)  # one core per rank
     x, error = None, None
     if rank == 0:  # MPI_Abort may return under some launchers: errors are shared and every rank exits
         try:
