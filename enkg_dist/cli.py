@@ -223,7 +223,14 @@ def slurm_cmd(
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    import warnings
+
+    warnings.formatwarning = _warning_line  # a warning is one line, without the source line that raised it
     app(sys.argv[1:])
 
 

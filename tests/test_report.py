@@ -189,3 +189,65 @@ def test_stopped_run(tmp_path):
             assert len(report.make_report(out)) == 5
     else:
         assert report.summary(out)["state"] == "finished"
+
+
+def test_calibration_and_references_come_from_the_run_directory(finished):
+    """Spread-skill, CRPS and the rank histogram at the last step are metrics.json's (same module, same ensemble);
+    the truth is the one the runner stored; the report never imports the runner or runs a simulator."""
+    import subprocess
+    import sys
+
+    out, metrics = finished
+    d = report.report_data(out)
+    c = d["calibration"]
+    assert c["steps"] == [9] and c["rank_step"] == 9
+    assert c["spread_skill"][-1] == pytest.approx(metrics["spread_skill"], rel=1e-12)
+    assert c["crps"][-1] == pytest.approx(metrics["crps"], rel=1e-12)
+    assert c["rank_histogram"] == metrics["rank_histogram"]
+    assert d["posterior_crps"] == pytest.approx(metrics["posterior_crps"], rel=1e-12)
+    assert d["posterior_mean_rel_l2"] == pytest.approx(metrics["posterior_mean_rel_l2"], rel=1e-12)
+    from enkg_dist.store import read_reference
+
+    ref = read_reference(out / "store.zarr")
+    built = runner.build(cfgmod.validate(_config(out)))
+    np.testing.assert_array_equal(ref["truth"], built.problem.x_true.numpy())
+    np.testing.assert_array_equal(ref["observation_image"], built.observation_image.numpy())
+    text = table.inspect_run(out)
+    assert f"spread_skill={metrics['spread_skill']:.4g}" in text and f"crps={metrics['crps']:.4g}" in text
+    code = ("import sys; from enkg_dist import report; report.make_report(sys.argv[1], sys.argv[2]); "
+            "assert 'enkg_dist.runner' not in sys.modules, 'the report imported the runner'")
+    r = subprocess.run([sys.executable, "-c", code, str(out), str(out / "report-isolated")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _flip(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_a_damaged_store_is_reported_as_such_and_the_report_draws_what_is_intact(finished, tmp_path):
+    src, metrics = finished
+    run = tmp_path / "damaged"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("report*"))
+    store = run / "store.zarr"
+    _flip(store / "particles" / "c" / "9" / "0" / "0" / "0" / "0")  # the final ensemble
+    _flip(store / "mean" / "c" / "3" / "0" / "0" / "0")
+    s = report.summary(run)  # the default check already sees the final ensemble's damage
+    assert s["state"] == "damaged" and "DAMAGED" in s["status"]
+    assert any("array 'mean' step 3" in d for d in s["damage"])
+    assert any("array 'particles' step 9" in d and "CRC32C checksum mismatch" in d for d in s["damage"])
+    full = report.summary(run, verify=True)
+    bad = {d.split(":")[0] for d in full["damage"]}
+    assert bad == {"array 'mean' step 3", "array 'particles' step 9"}, full["damage"]
+    assert f"{store}/mean/c/3/0/0/0: does not decode (CRC32C checksum mismatch)" in "\n".join(full["damage"])
+    text = table.inspect_run(run, verify=True)
+    assert "integrity (every chunk checked): 2 bad chunk(s)" in text and "finished" in text
+
+    paths = report.make_report(run)
+    assert len(paths) == 5 and all(p.stat().st_size > 10_000 for p in paths)
+    curves = json.loads((run / "report" / "curves.json").read_text())
+    assert curves["rel_l2_mean"][3] is None and curves["spread_mean"][3] is None
+    assert all(v is not None for i, v in enumerate(curves["rel_l2_mean"]) if i != 3)
+    assert curves["calibration"]["steps"] == [] and len(curves["damage"]) == 2

@@ -47,8 +47,11 @@ def reference(tmp_path: Path) -> tuple[torch.Tensor, int]:
     return torch.load(out / "ensemble.pt")["particles"], len(log.read_text().split())
 
 
-@pytest.mark.parametrize("store", ["{}", "{full_every: 20, checkpoint_every: 4}"])
-def test_kill_after_a_committed_step_then_resume(tmp_path, store):
+@pytest.mark.parametrize("store, damage", [("{}", None), ("{full_every: 20, checkpoint_every: 4}", None),
+                                           ("{}", "delete"), ("{}", "truncate")])
+def test_kill_after_a_committed_step_then_resume(tmp_path, store, damage):
+    """With `damage`, the store's root zarr.json is then deleted or truncated (the issue's 'every committed step
+    unreachable'): the resume rebuilds it from the recovery copy and loses no committed step."""
     ref, n_ref = reference(tmp_path)
     log, run_dir = tmp_path / "a.log", tmp_path / "a"
     p = start(job(tmp_path, log, store), run_dir)
@@ -57,10 +60,18 @@ def test_kill_after_a_committed_step_then_resume(tmp_path, store):
     p.send_signal(signal.SIGKILL)
     p.wait()
     at_kill = committed(run_dir)
+    root = run_dir / "store.zarr" / "zarr.json"
+    if damage == "delete":
+        root.unlink()
+    elif damage == "truncate":
+        root.write_bytes(root.read_bytes()[:37])
     r = subprocess.run([sys.executable, "-m", "enkg_dist.cli", "resume", str(run_dir), "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
+    if damage:
+        assert f"warning: run store {run_dir / 'store.zarr'}: root metadata (zarr.json) was missing or unreadable; " \
+               f"rebuilt from its recovery copy (committed step {at_kill})" in r.stderr.splitlines(), r.stderr
     assert torch.equal(torch.load(run_dir / "ensemble.pt")["particles"], ref)
     # run twice: the member in flight at the kill, and those the recorder had not written yet (its lag is ~10 ms
     # here, ~100 ms on a loaded machine, against 30 ms members)

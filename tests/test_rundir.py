@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +37,6 @@ def one_line_error(r) -> str:
 
 HOLDER = r"""
 import sys, time
-from pathlib import Path
 from enkg_dist.rundir import RunDirLock
 lock = RunDirLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
