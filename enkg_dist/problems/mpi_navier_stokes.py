@@ -11,10 +11,11 @@ Layout, R ranks, N % R == 0:
             columns that stay zero) and all N wavenumbers k1.
 Forward 2D FFT = local rfft along y + Alltoall transpose + local fft along x; the inverse runs backwards (ifft along
 x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. Local FFTs and arithmetic are the
-serial solver's (torch, one intra-op thread per rank): one rank runs exactly the serial kernel (rfft2 / irfft2 on the
-whole grid, no transposes), and each step moves 12 fields in 4 transposes, the step rule's velocity riding with the
-predictor's fields. mpi4py is imported lazily (only this module may import it, see tests/test_architecture.py);
-mpi4py-fft was tried for the distributed FFTs but has no wheel and its source build needs system FFTW libraries.
+serial solver's (torch, one intra-op thread per rank, spectra k1-contiguous): one rank runs exactly the serial
+kernel (a local transpose where more ranks have the Alltoall), and each step moves 12 fields in 4 transposes, the
+step rule's velocity riding with the predictor's fields. mpi4py is imported lazily (only this module may import
+it, see tests/test_architecture.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source
+build needs system FFTW libraries, so it does not install from PyPI alone.
 
 As a program (plugs into ExternalProgramForward as a simulator that needs MPI):
 
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from enkg_dist.problems.navier_stokes.equation import k1_contiguous
 
 LANDING_TOL = 1e-9  # as the serial solver: a step within this fraction of dt of T lands on T
 DEALIAS = ("disc", "two_thirds")
@@ -68,17 +71,18 @@ class SlabFFT:
         self.kp = self.kl * self.size
         self.k2_lo = self.rank * self.kl  # this rank's first k2 column
 
-    def layout(self, t: torch.Tensor) -> torch.Tensor:
-        """t (..., N, Kl) in the memory layout of this rank's spectra: row-major with one rank (the serial solver's),
-        k1-contiguous with more (the layout the column FFTs read and write without strides)."""
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if self.size > 1 else t.contiguous()
+    @staticmethod
+    def layout(t: torch.Tensor) -> torch.Tensor:
+        """t (..., N, Kl) in the memory layout of the spectra: k1 contiguous (the serial solver's, see
+        NavierStokes2D.fft), so that the column FFTs read and write without strides."""
+        return k1_contiguous(t)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """rfft along y, transpose, fft along x."""
-        if self.size == 1:
-            return torch.fft.rfft2(f)
-        B, R, nl, kl = f.shape[0], self.size, self.nl, self.kl
         a = torch.fft.rfft(f, dim=-1)  # (B, nl, nk)
+        if self.size == 1:  # the serial solver's transform: a local transpose in place of the Alltoall
+            return torch.fft.fft(a.transpose(-1, -2).contiguous(), dim=-1).transpose(-1, -2)
+        B, R, nl, kl = f.shape[0], self.size, self.nl, self.kl
         send = a.new_zeros((R, B, kl, nl)) if self.kp > self.nk else a.new_empty((R, B, kl, nl))
         for r in range(R):  # send[r]: the columns of rank r, transposed (padding columns stay zero)
             lo, hi = r * kl, min((r + 1) * kl, self.nk)
@@ -89,10 +93,10 @@ class SlabFFT:
 
     def inverse(self, s: torch.Tensor) -> torch.Tensor:
         """ifft along x, transpose, irfft along y."""
-        if self.size == 1:
-            return torch.fft.irfft2(s, s=(self.n, self.n))
-        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
         a = torch.fft.ifft(s.transpose(-1, -2), dim=-1)  # (B, kl, N): x contiguous
+        if self.size == 1:
+            return torch.fft.irfft(a.transpose(-1, -2).contiguous(), n=self.n, dim=-1)
+        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
         send = a.reshape(B, kl, R, nl).permute(2, 0, 1, 3).contiguous()  # send[s] = (B, kl, rows of rank s)
         recv = self._alltoall(send)  # recv[s] = (B, columns of rank s, my rows)
         half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)

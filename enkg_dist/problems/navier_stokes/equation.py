@@ -82,12 +82,13 @@ class NavierStokes2D:
         self._neg_dx, self._neg_dy = -out_mask * self.ik1, -out_mask * self.ik2
         # stacked multipliers, one broadcast product and one FFT call per stage: w_hat -> masked (w, u, v) for the
         # tendency, then unmasked (u, v) for the step rule's max|u|; the flux pair -> the divergence's two terms
-        # (complex, also the mask: a complex x real product first casts its real factor, one more pass)
-        self._tendency_mult = torch.stack([self.mask.to(cdtype), self._to_u, self._to_v])
-        self._first_mult = torch.cat([self._tendency_mult, torch.stack([self.inv_lap * self.ik2,
-                                                                        -self.inv_lap * self.ik1])])
-        self._flux_mult = torch.stack([self._neg_dx, self._neg_dy])
-        self.half_viscous = 0.5 * self.viscous_symbol()  # L/2 for the Crank–Nicolson factors
+        # (complex, also the mask: a complex x real product first casts its real factor, one more pass). Stored
+        # k1-contiguous, the layout of the solver's spectra (see `fft`)
+        self._tendency_mult = k1_contiguous(torch.stack([self.mask.to(cdtype), self._to_u, self._to_v]))
+        self._first_mult = k1_contiguous(torch.cat([self._tendency_mult, torch.stack([self.inv_lap * self.ik2,
+                                                                                      -self.inv_lap * self.ik1])]))
+        self._flux_mult = k1_contiguous(torch.stack([self._neg_dx, self._neg_dy]))
+        self.half_viscous = k1_contiguous(0.5 * self.viscous_symbol())  # L/2 for the Crank–Nicolson factors
 
     @property
     def nu(self) -> float:
@@ -103,11 +104,22 @@ class NavierStokes2D:
         return NavierStokes2D(self.n, self.Re, self.forcing_amplitude, self.forcing_wavenumber, self.dealias,
                               dtype, device)
 
-    def fft(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.fft.rfft2(w)
+    def fft(self, w: torch.Tensor, k1_contiguous: bool = False) -> torch.Tensor:
+        """rfft2 over the last two axes; k1_contiguous: the same values laid out with k1 (axis -2) contiguous in
+        memory, the solver's layout, computed as rfft along y, one transposing copy, fft along x (torch's rfft2
+        transposes twice, in its own copies, and then runs MKL along strided columns)."""
+        if not k1_contiguous:
+            return torch.fft.rfft2(w)
+        a = torch.fft.rfft(w, dim=-1)
+        return torch.fft.fft(a.transpose(-1, -2).contiguous(), dim=-1).transpose(-1, -2)
 
     def ifft(self, w_hat: torch.Tensor) -> torch.Tensor:
-        return torch.fft.irfft2(w_hat, s=(self.n, self.n))
+        """irfft2 over the last two axes; for k1-contiguous spectra (`fft(w, k1_contiguous=True)`), as ifft along x,
+        one transposing copy, irfft along y."""
+        if w_hat.dim() < 2 or not w_hat.transpose(-1, -2).is_contiguous() or w_hat.is_contiguous():
+            return torch.fft.irfft2(w_hat, s=(self.n, self.n))
+        z = torch.fft.ifft(w_hat.transpose(-1, -2), dim=-1)  # (..., n//2+1, n): k2 rows, x contiguous
+        return torch.fft.irfft(z.transpose(-1, -2).contiguous(), n=self.n, dim=-1)
 
     def viscous_symbol(self) -> torch.Tensor:
         """L = -nu |k|^2: the Fourier symbol of nu Lap, on the half-grid (n, n//2+1)."""
@@ -155,7 +167,7 @@ class NavierStokes2D:
         unmasked velocity) when K = 5."""
         fields = self.ifft(spec)  # (..., K, n, n)
         flux = fields[..., 1:3, :, :] * fields[..., 0:1, :, :]  # (u w, v w)
-        flux_hat = self.fft(flux).mul_(self._flux_mult)  # (-d/dx F[u w], -d/dy F[v w])
+        flux_hat = self.fft(flux, k1_contiguous=True).mul_(self._flux_mult)  # (-d/dx F[u w], -d/dy F[v w])
         nonlin = flux_hat[..., 0, :, :].add_(flux_hat[..., 1, :, :])
         if self.forcing_amplitude:
             nonlin[..., 0, self.forcing_wavenumber] += self.f_mode
@@ -167,6 +179,11 @@ class NavierStokes2D:
     def __repr__(self) -> str:
         return (f"NavierStokes2D(n={self.n}, Re={self.Re:g}, forcing={self.forcing_amplitude:g}cos"
                 f"({self.forcing_wavenumber}y), dealias={self.dealias!r}, dtype={self.dtype}, device={self.device})")
+
+
+def k1_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t (..., n, n//2+1) with the same values, laid out with axis -2 (k1) contiguous in memory."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def grid(n: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:

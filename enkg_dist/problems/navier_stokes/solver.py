@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
+from enkg_dist.problems.navier_stokes.equation import NavierStokes2D, k1_contiguous
 from enkg_dist.problems.navier_stokes.integrator import heun_cn_step
 
 MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
-LANE_BYTES = 2 << 20  # default lane on CPU: as many members as keep its ~20 work arrays within this (about L2)
+LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
 
 
@@ -73,8 +73,8 @@ def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[flo
 
 def default_chunk(n: int, dtype: torch.dtype) -> int:
     """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
-    fit in LANE_BYTES. Small grids batch to spread the per-call overhead; at 128^2 float32 one member already fills
-    a core's L2 and larger lanes were measured slower (the FFTs fall out of cache)."""
+    fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache (measured at
+    128^2 float32, one thread: 4 members per lane fastest, 8 and 16 slower than 1)."""
     per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
@@ -148,7 +148,7 @@ class _Lane:
         self.members = [self.members[i] for i in keep]
         self.t = [self.t[i] for i in keep]
         self.steps = [self.steps[i] for i in keep]
-        self.w_hat = self.w_hat[keep]
+        self.w_hat = k1_contiguous(self.w_hat[keep])
         if keep:
             self._look()
 
@@ -282,7 +282,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     adaptive = mode != "fixed"
 
     def start(k: int) -> None:
-        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]]), eq, adaptive)
+        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive)
 
     def rule(lane: _Lane) -> tuple[list[float], list[bool]]:
         """This lane's own steps and non-finite-speed flags (per-member rule, or the fixed dt)."""
