@@ -21,7 +21,7 @@ def _root() -> None:
 
 
 def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {cfgmod.printable(msg)}", err=True)
     raise typer.Exit(2)
 
 

@@ -142,7 +142,7 @@ class EnKGSettings(_Model):
     """EnKG hyperparameters (enkg.md §2); see enkg_dist.sampler.EnKGConfig."""
 
     ensemble_size: int = Field(256, ge=2, description="J")
-    num_steps: int = Field(80, ge=1, description="N, diffusion steps")
+    num_steps: int = Field(80, ge=1, le=100_000, description="N, diffusion steps")
     sigma_max: float = Field(80.0, gt=0)
     sigma_min: float = Field(0.002, gt=0)
     rho: float = Field(7.0, gt=0)
@@ -188,7 +188,7 @@ class EKISettings(_Model):
     """Plain ensemble Kalman inversion (no diffusion prior), initial ensemble drawn from the Gaussian prior."""
 
     ensemble_size: int = Field(256, ge=2)
-    iterations: int = Field(20, ge=1)
+    iterations: int = Field(20, ge=1, le=100_000)
     dt: float = Field(1.0, gt=0)
     stochastic: bool = False
     tikhonov: bool = Field(False, description="add the prior as observations (Tikhonov-EKI)")
@@ -314,7 +314,7 @@ def one_line_error(exc: ValidationError, root: type[BaseModel] | None = None, wh
         allowed = ", ".join(owner.model_fields) if owner is not None else "?"
         msg = f"unknown key (allowed: {allowed})"
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{what}: {'.'.join(keys) or '<root>'}: {msg}{more}"
+    return printable(f"{what}: {'.'.join(keys) or '<root>'}: {msg}{more}")
 
 
 # Keys that may change between resumptions of a run: naming, where output goes, how the work is spread over machines,
@@ -341,13 +341,22 @@ def check_resume_overrides(overrides: list[str]) -> None:
         if "=" not in item:
             raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE")
         if not may_change_on_resume(key):
-            raise ConfigError(f"config error: resume --set {key}: this key may not change between resumptions of a "
-                              f"run (it changes the answer); these may: {', '.join(RESUME_MAY_CHANGE)}")
+            raise ConfigError(f"config error: resume --set {printable(key)}: this key may not change between "
+                              f"resumptions of a run (it changes the answer); these may: {', '.join(RESUME_MAY_CHANGE)}")
 
 
 def parse_value(text: str) -> Any:
     """A --set value: YAML scalar/list/dict syntax (1, 0.5, true, null, [1, 2])."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config error: --set value {text!r} is not valid YAML ({first})") from None
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters (a user's value may hold any) written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -358,6 +367,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"config error: --set {item!r}: the key {key.strip()!r} has an empty part")
         node = data
         for p in parts[:-1]:
             child = node.get(p)

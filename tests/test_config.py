@@ -45,3 +45,32 @@ def test_overrides_and_yaml_errors(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"enkg": {"sigma_min": 100}}, "config error: enkg.sigma_min: must be smaller than enkg.sigma_max (80), got 100"),
+    ({"enkg": {"sigma_max": 1.0, "sigma_min": 1.0}}, "enkg.sigma_min: must be smaller than enkg.sigma_max (1)"),
+    ({"enkg": {"sigma_max": float("inf")}}, "config error: enkg.sigma_max: Input should be a finite number"),
+    ({"problem": {"noise_std": float("nan")}}, "config error: problem.noise_std: Input should be a finite number"),
+    ({"enkg": {"num_steps": 10**12}}, "config error: enkg.num_steps: Input should be less than or equal to 100000"),
+    ({"problem": {"kind": "a\rb"}}, "config error: problem: Input tag 'a\\rb' found"),
+])
+def test_validation_gaps_of_issue_14_are_closed(data, message):
+    with pytest.raises(ConfigError) as e:
+        validate(data)
+    assert message in str(e.value) and "\n" not in str(e.value) and "\r" not in str(e.value)
+
+
+def test_empty_job_and_bad_set_values(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty .* write {} to run them on purpose"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match=r"--set value '\\x0c' is not valid YAML"):
+        load_config(LG, ["enkg.scale=\x0c"])
+    with pytest.raises(ConfigError, match="has an empty part"):
+        load_config(LG, ["enkg..scale=1"])
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read|not valid YAML"):
+        load_config(binary)
