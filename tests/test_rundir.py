@@ -19,9 +19,17 @@ LG = "builtin:linear_gaussian_64"
 TINY = ["problem.n=16", "enkg.ensemble_size=4", "enkg.num_steps=4"]
 
 
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "enkg_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def cli(*args):
+    """The command line, in this process (typer's CliRunner: the same code path, without the interpreter's start);
+    an exception that escaped the command is a traceback a user would have seen."""
+    from typer.testing import CliRunner
+
+    from enkg_dist.cli import app
+
+    result = CliRunner().invoke(app, list(map(str, args)))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"a traceback for {args}") from result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def one_line_error(r) -> str:
@@ -37,6 +45,7 @@ def one_line_error(r) -> str:
 
 HOLDER = r"""
 import sys, time
+from pathlib import Path
 from enkg_dist.rundir import RunDirLock
 lock = RunDirLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
