@@ -4,8 +4,8 @@
 
 Each grid entry is a ';'-separated list of runs, each a ','-separated list of overrides of the default job (the
 embedded `builtin:default` job with the shipped learned prior); every run is repeated for each truth seed. Prints a
-markdown table: relative L2 of the ensemble mean and of the particles (the paper's metric), forward evaluations and
-wall time.
+markdown table: relative L2 of the ensemble mean and of the particles (the paper's metric), the spread-skill ratio
+(1 when calibrated), forward evaluations and wall time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     truths = [int(s) for s in args.truths.split(",")]
-    print("| settings | " + " | ".join(f"truth {t}: mean / particles" for t in truths)
+    print("| settings | " + " | ".join(f"truth {t}: mean / particles / spread-skill" for t in truths)
           + " | mean over truths (ensemble mean) | forward evals | wall (s) |")
     print("|---|" + "---|" * len(truths) + "---|---|---|")
     with tempfile.TemporaryDirectory() as out:
@@ -42,7 +42,7 @@ def main() -> None:
             for t in truths:
                 cfg = cfgmod.load_config(None, [*args.set, *sets, f"problem.truth_seed={t}"])
                 _, m = runner.run(cfg, Path(out) / f"{r}-{t}", progress=False)
-                cells.append(f"{m['rel_l2_mean']:.3f} / {m['rel_l2_particles']:.3f}")
+                cells.append(f"{m['rel_l2_mean']:.3f} / {m['rel_l2_particles']:.3f} / {m['spread_skill']:.2f}")
                 means.append(m["rel_l2_mean"])
                 walls.append(m["wall_seconds"])
                 evals = m["forward_evaluations"]

@@ -286,30 +286,32 @@ def localised_apply(X: torch.Tensor, P: torch.Tensor, V: torch.Tensor, localiser
     """Delta (n, d) with Delta_j = (rho o C_xpsi) v_j, C_xpsi = X'^T P' / n, for the rows v_j of V (n, m).
 
     X (n, d) and P (n, m) are anomalies. Memory: O(n (d + m)) plus one block of C (at most BLOCK_ELEMENTS entries).
+    Works on transposed copies, so that a block's rows and columns are contiguous gathers.
     """
     n, d = X.shape
     m = P.shape[1]
+    XT, PT, VT = X.T.contiguous(), P.T.contiguous(), V.T.contiguous()
     sx = sp = None
     if localiser.needs_correlations:
-        sx, sp = X.pow(2).sum(0).div(n).sqrt(), P.pow(2).sum(0).div(n).sqrt()
+        sx, sp = XT.pow(2).sum(1).div(n).sqrt(), PT.pow(2).sum(1).div(n).sqrt()
         if isinstance(localiser, NICE):
-            localiser.prepare_from((_correlations(X[:, rows].T @ P / n, sx[rows], sp)
+            localiser.prepare_from((_correlations(XT[rows] @ PT.T / n, sx[rows], sp)
                                     for rows in localiser.blocks(d, m)), n)
-    out = torch.zeros(n, d, dtype=X.dtype, device=X.device)
+    outT = torch.zeros(d, n, dtype=X.dtype, device=X.device)
     for rows in localiser.blocks(d, m):
         cols = localiser.support(rows, m)
         if cols is not None and len(cols) == 0:
             continue
-        Pc, Vc = (P, V) if cols is None else (P[:, cols], V[:, cols])
-        Cb = X[:, rows].T @ Pc / n  # (rows, cols)
+        Pc, Vc = (PT, VT) if cols is None else (PT[cols], VT[cols])
+        Cb = XT[rows] @ Pc.T / n  # (rows, cols)
         R = _correlations(Cb, sx[rows], sp if cols is None else sp[cols]) if localiser.needs_correlations else None
-        rho = localiser.taper(rows, cols, R).to(Cb.dtype)
-        out[:, rows] = Vc @ (rho * Cb).T
+        rho = localiser.taper(rows, cols, R).to(device=Cb.device, dtype=Cb.dtype)
+        outT[rows] = (rho * Cb) @ Vc
         if stats is not None:
             stats.blocks += 1
             stats.largest_block = max(stats.largest_block, Cb.numel())
             stats.touched += Cb.numel()
-    return out
+    return outT.T
 
 
 def localised_output_covariance(P: torch.Tensor, localiser: Localiser) -> torch.Tensor:

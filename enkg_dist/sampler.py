@@ -6,6 +6,8 @@ in-process in a test and on a Ray cluster. Randomness comes only from per-member
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -224,17 +226,25 @@ def eki_step(
     n: int,
     y: torch.Tensor,
     Gamma: NoiseCovariance,
-    dt: float = 1.0,
+    dt: float | str = 1.0,
     seed: int = 0,
     stochastic: bool = False,
     tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     localiser: Localiser | None = None,
     spread: tuple[str, float] = ("none", 1.0),
+    t_done: float = 0.0,
 ) -> tuple[torch.Tensor, kalman.UpdateInfo]:
     """Iteration n of ensemble Kalman inversion (Iglesias, Law, Stuart 2013); see `eki`. `localiser` localises the
-    gain (not with `tikhonov`), `spread` = (inflation kind, factor) follows the update."""
+    gain (not with `tikhonov`), `spread` = (inflation kind, factor) follows the update. dt="auto": the data-misfit
+    controller (schedules.data_misfit_step) with `t_done` the sum of the previous steps; once they reach 1 the
+    ensemble is returned unchanged without evaluating. The step taken is returned as info.weight."""
     J = x.shape[0]
+    if dt == "auto" and t_done >= 1.0:
+        return x, kalman.UpdateInfo(0.0, 0.0, 0.0, 0.0, J, float("nan"), False)
     psi, ok = _check_evaluation(*evaluate(x), J, y)
+    if dt == "auto":
+        phi = 0.5 * Gamma.whiten(psi[ok] - y).pow(2).sum(1)
+        dt = schedules.data_misfit_step(phi.cpu().numpy(), y.shape[0], t_done)
     target, whitener = y, Gamma
     if tikhonov is not None:
         m0, prior_whiten = tikhonov
@@ -249,6 +259,7 @@ def eki_step(
     if localiser is not None and tikhonov is not None:
         raise ValueError("localisation is not available with Tikhonov-EKI (the stacked prior block is d x d)")
     x_new, info = kalman.eki_update(x, psi, target, whitener, dt, eta, ok, localiser)
+    info = dataclasses.replace(info, weight=float(dt))
     return inflation.apply(spread[0], spread[1], x, x_new, ok), info
 
 
@@ -258,7 +269,7 @@ def eki(
     y: torch.Tensor,
     Gamma: NoiseCovariance,
     n_iter: int,
-    dt: float = 1.0,
+    dt: float | str = 1.0,
     seed: int = 0,
     stochastic: bool = False,
     tikhonov: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None = None,
@@ -271,11 +282,13 @@ def eki(
 
     With `tikhonov=(m0, prior_whiten)` it is Tikhonov-EKI (Chada, Stuart, Tong 2020): G is stacked with the identity
     and y with m0, whitened by C0^{-1/2}, so the mean converges to the minimiser of |G x - y|^2_Gamma + |x - m0|^2_C0,
-    the posterior mean of a linear-Gaussian problem. `stochastic` perturbs y by N(0, Gamma/dt) per member.
+    the posterior mean of a linear-Gaussian problem. `stochastic` perturbs y by N(0, Gamma/dt) per member. dt="auto"
+    chooses each step by the data-misfit controller (restarting at `start` assumes no steps were taken before).
     """
-    x = x0
+    x, t = x0, 0.0
     for n in range(start, n_iter):
-        x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov, localiser, spread)
+        x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov, localiser, spread, t)
+        t += info.weight
         if callback is not None:
             callback(n, x, info)
     return x

@@ -39,3 +39,15 @@ def inner_ode_steps(i: int, n: int, divisor: int = 4, max_steps: int = 20) -> in
 def guided_steps(n: int, t_start: float, t_end: float) -> list[int]:
     """Indices i at which the corrector runs."""
     return [i for i in range(n) if in_guidance_window(i, n, t_start, t_end)]
+
+
+def data_misfit_step(phi: np.ndarray, m: int, t_done: float, terminate_at: float = 1.0) -> float:
+    """EKI step dt = min(max(m / (2 mean Phi), sqrt(m / (2 var Phi))), T - t) from the members' misfits
+    Phi_j = |Gamma^{-1/2}(y - G(x_j))|^2 / 2 (Iglesias & Yang 2021, EKP.jl's DataMisfitController); the steps sum to
+    T = terminate_at (the posterior, for a linear-Gaussian problem), then 0: no more updates."""
+    if t_done >= terminate_at:
+        return 0.0
+    phi = np.asarray(phi, dtype=np.float64)
+    mean, var = float(phi.mean()), float(phi.var(ddof=1)) if phi.size > 1 else 0.0
+    q = max(m / (2 * mean) if mean > 0 else np.inf, np.sqrt(m / (2 * var)) if var > 0 else 0.0)
+    return float(min(q, terminate_at - t_done))

@@ -217,3 +217,50 @@ def test_nice_chooses_a_real_correction_for_a_small_ensemble():
     localisation.localised_apply(Xa, Pa, torch.zeros(9, 36, dtype=torch.float64), nice)
     g, a = nice.choice
     assert g >= 2 and (g, a) != (2, 0.0)  # spurious correlations of 9 members get shrunk
+
+
+# --- the job-file side -------------------------------------------------------------------------------------------
+
+def _one_line(overrides, job="builtin:linear_gaussian_64"):
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+
+    with pytest.raises(cfgmod.ConfigError) as e:
+        runner.build(cfgmod.load_config(job, overrides))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["enkg.localisation={kind: gaspari_cohn, radius: -2}"], "enkg.localisation.radius: Input should be greater than 0"),
+    (["enkg.localisation={kind: gaspari_cohn}"], "enkg.localisation: kind gaspari_cohn needs"),
+    (["enkg.localisation.kind=taper"], "enkg.localisation.kind: Input should be 'none', 'gaspari_cohn'"),
+    (["enkg.inflation=rtps", "enkg.inflation_factor=1.5"], "rtps relaxes by alpha in [0, 1]"),
+    (["method=eki", "eki.tikhonov=true", "eki.localisation.kind=sec"], "localisation is not available with tikhonov"),
+])
+def test_bad_localisation_settings_get_one_line_naming_the_key(overrides, message):
+    assert message in _one_line(overrides)
+
+
+def test_distance_localisation_without_a_geometry_names_the_way_out(tmp_path):
+    """An external program declares no geometry unless given problem.coordinates; NICE needs none."""
+    import numpy as np
+
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros(16))
+    base = ["problem={kind: external, command: ['{python}', '-m', 'enkg_dist.problems.example_program', "
+            "'{input}', '{output}'], n: 8, obs_size: 16, observation: " + str(y) + "}", "prior={kind: gaussian}"]
+    msg = _one_line(base + ["enkg.localisation={kind: gaspari_cohn, radius: 2}"], job=None)
+    assert msg.startswith("config error: enkg.localisation.kind: gaspari_cohn needs a geometry") and "nice" in msg
+    built = runner.build(cfgmod.load_config(None, base + ["enkg.localisation={kind: nice}"]))
+    assert isinstance(built.localiser, NICE)
+    coords = tmp_path / "xy.npy"
+    np.save(coords, np.stack(np.meshgrid(np.arange(0, 8, 2), np.arange(0, 8, 2), indexing="ij"), -1).reshape(-1, 2))
+    built = runner.build(cfgmod.load_config(None, base + [f"problem.coordinates={coords}",
+                                                          "enkg.localisation={kind: gaspari_cohn, radius: 2}"]))
+    assert isinstance(built.localiser, GaspariCohn) and built.localiser.geometry.obs.shape == (16, 2)
+    np.save(coords, np.zeros((15, 2)))
+    assert "problem.coordinates" in _one_line(base + [f"problem.coordinates={coords}"], job=None)

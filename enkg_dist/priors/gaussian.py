@@ -117,8 +117,11 @@ class GaussianFieldPrior:
         return self.mean.to(device=z.device, dtype=z.dtype) + self._mult(z, self.lam.sqrt())
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
-        """C^{-1/2} x for rows x (B, d) or fields (B, 1, N, N); returns the same shape."""
-        return self._mult(x.reshape(-1, self.n, self.n), self.lam.rsqrt()).reshape(x.shape)
+        """(C^+)^{1/2} x for rows x (B, d) or fields (B, 1, N, N); returns the same shape. Modes the prior holds
+        fixed (lam = 0, e.g. the removed mean of a vorticity field) are dropped: the pseudo-inverse, so that
+        Tikhonov-EKI stays finite (an ensemble drawn from the prior never moves along them)."""
+        inv = torch.where(self.lam > 0, self.lam.clamp_min(1e-300).rsqrt(), torch.zeros((), dtype=self.lam.dtype))
+        return self._mult(x.reshape(-1, self.n, self.n), inv).reshape(x.shape)
 
     def apply_cov(self, x: torch.Tensor, power: float = 1.0) -> torch.Tensor:
         """C^power x for fields (..., N, N)."""

@@ -64,3 +64,14 @@ def test_fit_recovers_the_spectrum(radial):
 def test_shape_mismatch_is_named(prior):
     with pytest.raises(ValueError, match=r"field shape mismatch: got \(16, 16\), prior is 8x8"):
         prior.denoise(torch.zeros(1, 1, 16, 16, dtype=torch.float64), 1.0)
+
+
+def test_whitening_is_finite_with_a_fixed_mean_mode():
+    """Tikhonov-EKI on Navier-Stokes whitens by a prior whose mean mode has zero variance: the pseudo-inverse."""
+    prior = GaussianFieldPrior.matern_like(8, 2.5, 3.0, 0.5, zero_mean_mode=True)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 2.0
+    w = prior.whiten(x)
+    assert bool(torch.isfinite(w).all())
+    assert torch.allclose(w.mean(dim=(-2, -1)), torch.zeros(3, 1, dtype=torch.float64), atol=1e-12)
+    zero_mean = x - x.mean(dim=(-2, -1), keepdim=True)  # off the fixed mode, whitening is C^{-1/2}
+    assert torch.allclose(prior.apply_cov(prior.whiten(prior.whiten(zero_mean))), zero_mean, atol=1e-9)
