@@ -58,7 +58,7 @@ def bench_store(root: Path, J: int, n: int, steps: int, obs: int) -> dict:
     psi = rng.standard_normal((J, obs)).astype(np.float32)
     t0 = time.perf_counter()
     for j in range(min(J, 64)):  # one member per write: a whole member block rewritten each time
-        store.record_member(0, 0, j, psi[j], True)
+        store.record_members(0, 0, [j], psi[j:j + 1], [True])
     per_member = (time.perf_counter() - t0) / min(J, 64)
     t0 = time.perf_counter()
     for rows in np.array_split(np.arange(J), 8):  # members arriving in 8 groups, as the recorder writes them

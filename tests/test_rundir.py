@@ -258,3 +258,13 @@ def test_resume_set_changes_only_the_keys_that_may_change(tmp_path):
     assert cfg.execution.batch_size == 2 and cfg.store.checkpoint_every == 3  # kept for the next resumption
     with pytest.raises(cfgmod.ConfigError, match="resume --set seed: this key may not change"):
         runner.resume(d, progress=False, overrides=["seed=3"])
+
+
+def test_a_truncated_config_yaml_is_replaced_by_the_config_the_store_keeps(tmp_path, capfd):
+    d = tmp_path / "run"
+    runner.run(cfgmod.load_config(LG, TINY), d, progress=False)
+    good = (d / "config.yaml").read_text()
+    (d / "config.yaml").write_text(good[: len(good) // 3] + "\n  - [unclosed")
+    _, metrics = runner.resume(d, progress=False)
+    assert metrics["resumed_from_step"] == 3 and (d / "config.yaml").read_text() == good
+    assert "is unreadable; using the config stored in the run store" in capfd.readouterr().err

@@ -543,3 +543,16 @@ def test_verify_store_names_array_step_and_file_of_each_bad_chunk(tmp_path):
     assert bad["mean", 4].problem == "missing" and bad["status", 1].file == str(status)
     assert bad["mean", 4].line() == f"array 'mean' step 4: {chunk_file(path, 'mean', 4, 3)}: missing"
     assert [b.array for b in verify_store(path, arrays=["mean"])] == ["mean"]
+
+
+def test_a_store_is_created_into_an_empty_directory_but_never_over_anything_else(tmp_path):
+    path = tmp_path / "run.zarr"
+    path.mkdir()
+    make(path).close()
+    assert RunStore.open(path).committed_step == -1
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(StoreError, match="already exists"):
+        make(other)
+    assert (other / "precious.txt").read_text() == "x"

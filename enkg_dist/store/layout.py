@@ -180,6 +180,8 @@ def create_layout(path, attrs: dict, build: Callable[[zarr.Group], None], storag
     first["creating"] = True
     target = local_path(path)
     if target is not None:
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty directory made for the store: the rename puts the store there
         if target.exists():
             raise StoreError(f"run store {path}: a store already exists there; resume it or choose another "
                              "directory")
