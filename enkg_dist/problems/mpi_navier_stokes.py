@@ -147,7 +147,7 @@ class SlabNavierStokes:
         self._first_mult = stack(mask.to(torch.complex128), to_u, to_v, inv_lap * ik2, -inv_lap * ik1)
         out_mask = mask if dealias == "two_thirds" else torch.ones_like(mask)
         self._flux_mult = stack(-out_mask * ik1, -out_mask * ik2)
-        self.half_viscous = fft.layout(0.5 * (-(1.0 / self.Re) * k2_abs))  # L/2, L = nu Lap
+        self.half_viscous_c = fft.layout(0.5 * (-(1.0 / self.Re) * k2_abs)).to(torch.complex128)  # L/2, L = nu Lap
 
     @property
     def nu(self) -> float:
@@ -172,10 +172,9 @@ class SlabNavierStokes:
 
     def heun_cn_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor | None = None) -> torch.Tensor:
         """integrator.heun_cn_step for one field (n1: N(w_hat) if already known)."""
-        half_dl = self.half_viscous * dt
-        implicit = torch.reciprocal_(1 - half_dl)
-        e = half_dl.add_(1).mul_(implicit).to(torch.complex128)
-        g = implicit.mul_(dt).to(torch.complex128)
+        q = torch.reciprocal_(1 - self.half_viscous_c * dt)
+        e = q.mul(2).sub_(1)
+        g = q.mul_(dt)
         if n1 is None:
             n1 = self.tendency(w_hat)[0]
         ew = w_hat * e

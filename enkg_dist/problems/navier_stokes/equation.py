@@ -88,7 +88,7 @@ class NavierStokes2D:
         self._first_mult = k1_contiguous(torch.cat([self._tendency_mult, torch.stack([self.inv_lap * self.ik2,
                                                                                       -self.inv_lap * self.ik1])]))
         self._flux_mult = k1_contiguous(torch.stack([self._neg_dx, self._neg_dy]))
-        self.half_viscous = k1_contiguous(0.5 * self.viscous_symbol())  # L/2 for the Crank–Nicolson factors
+        self.half_viscous_c = k1_contiguous(0.5 * self.viscous_symbol()).to(cdtype)  # L/2, Crank–Nicolson factors
 
     @property
     def nu(self) -> float:
@@ -170,7 +170,7 @@ class NavierStokes2D:
         flux_hat = self.fft(flux, k1_contiguous=True).mul_(self._flux_mult)  # (-d/dx F[u w], -d/dy F[v w])
         nonlin = flux_hat[..., 0, :, :].add_(flux_hat[..., 1, :, :])
         if self.forcing_amplitude:
-            nonlin[..., 0, self.forcing_wavenumber] += self.f_mode
+            nonlin[..., 0, self.forcing_wavenumber].add_(self.f_mode)
         if spec.shape[-3] == 3:
             return nonlin, None
         uv = fields[..., 3:5, :, :]

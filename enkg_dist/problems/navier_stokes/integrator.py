@@ -13,19 +13,20 @@ import torch
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
 
 
-def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor, n1: torch.Tensor | None = None
+def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | float, n1: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """One Heun/Crank–Nicolson step of every member: w_hat (B, n, n//2+1) complex, dt (B,) -> w_hat at t + dt.
+    """One Heun/Crank–Nicolson step of every member: w_hat (B, n, n//2+1) complex, dt (B,) or one float for all ->
+    w_hat at t + dt.
 
-    Written as w~ = e w_n + g N(w_n), w_{n+1} = e w_n + (g/2) (N(w_n) + N(w~)) with e = (1 + dt L/2)/(1 - dt L/2)
-    and g = dt/(1 - dt L/2) (real, per member): four passes over the complex arrays besides the two tendencies.
+    Written as w~ = e w_n + g N(w_n), w_{n+1} = e w_n + (g/2) (N(w_n) + N(w~)) with q = 1/(1 - dt L/2),
+    e = (1 + dt L/2) q = 2q - 1 and g = dt q: four passes over the complex arrays besides the two tendencies.
     n1: N(w_hat) when the caller already has it (the solver gets it with the step rule's speed, from one FFT call).
     """
-    d = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1)
-    half_dl = eq.half_viscous * d
-    implicit = torch.reciprocal_(1 - half_dl)
-    e = half_dl.add_(1).mul_(implicit).to(eq.cdtype)  # cast once: complex x real would cast on every use
-    g = implicit.mul_(d).to(eq.cdtype)
+    if isinstance(dt, torch.Tensor):
+        dt = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1)
+    q = torch.reciprocal_(1 - eq.half_viscous_c * dt)  # complex: a complex x real product would cast the real factor
+    e = q.mul(2).sub_(1)
+    g = q.mul_(dt)
     if n1 is None:
         n1 = eq.tendency(w_hat)
     ew = w_hat * e

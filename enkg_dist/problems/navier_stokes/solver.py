@@ -31,7 +31,7 @@ from enkg_dist.problems.navier_stokes.integrator import heun_cn_step
 
 MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
-LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
+LANE_BYTES = 4 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
 
 
@@ -74,7 +74,7 @@ def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[flo
 def default_chunk(n: int, dtype: torch.dtype) -> int:
     """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
     fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache (measured at
-    128^2 float32, one thread: 4 members per lane fastest, 8 and 16 slower than 1)."""
+    128^2 float32, one thread, on a busy machine: 2 or 4 members per lane fastest, 8 and 16 slower than 1)."""
     per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
@@ -106,7 +106,7 @@ class _Lane:
 
     def speeds(self) -> list[float]:
         """max|u| per member as float64 (NaN or inf: the velocity is not finite): sqrt in the field's dtype."""
-        return self.s2.sqrt().to(torch.float64).tolist()
+        return self.s2.sqrt().tolist()  # float32 values are exact as Python floats
 
     def advance(self, steps: list[float], bad_speed: list[bool], T: float, max_steps: int) -> None:
         """One step of every member by its dt (landing on T when within LANDING_TOL), then who leaves and why."""
@@ -116,7 +116,8 @@ class _Lane:
             land = rem <= dt * (1 + LANDING_TOL)
             last.append(land)
             dts.append(rem if land else dt)
-        dt = torch.tensor(dts, dtype=torch.float64, device=self.w_hat.device)
+        one = all(d == dts[0] for d in dts)  # one member, or paper mode: a float, no per-member factors
+        dt = dts[0] if one else torch.tensor(dts, dtype=torch.float64, device=self.w_hat.device)
         self.w_hat = heun_cn_step(self.eq, self.w_hat, dt, self.n1)
         self.n1 = self.s2 = None
         finite = _finite_rows(self.w_hat)
