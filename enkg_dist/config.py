@@ -189,7 +189,9 @@ class EKISettings(_Model):
 
     ensemble_size: int = Field(256, ge=2)
     iterations: int = Field(20, ge=1, le=100_000)
-    dt: float = Field(1.0, gt=0)
+    dt: float | Literal["auto"] = Field(1.0, description="step (Gamma/dt per iteration), or auto: the data-misfit "
+                                        "controller (Iglesias & Yang 2021), whose steps sum to 1, then no more "
+                                        "updates")
     stochastic: bool = False
     tikhonov: bool = Field(False, description="add the prior as observations (Tikhonov-EKI)")
     localisation: LocalisationSettings = Field(default_factory=LocalisationSettings)
@@ -198,6 +200,8 @@ class EKISettings(_Model):
 
     @model_validator(mode="after")
     def _combinations(self):
+        if self.dt != "auto" and not self.dt > 0:
+            raise ValueError(f"dt {self.dt}: must be > 0, or auto")
         if self.tikhonov and self.localisation.kind != "none":
             raise ValueError("localisation is not available with tikhonov (the stacked prior block is d x d)")
         return _check_inflation(self)

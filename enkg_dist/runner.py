@@ -533,12 +533,15 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
         z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
         x = built.prior.sample(z.to(device))
     tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
+    # the data-misfit controller's clock: the steps taken so far (stored as each iteration's weight)
+    t = float(np.nansum(store.read("weight")[:start, 0])) if start > 0 and k.dt == "auto" else 0.0
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
         for n in range(start, k.iterations):
             t_step = time.perf_counter()
             evaluator.begin_step(n, skip_done=(n <= store.records_until))
             x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik,
-                                       built.localiser, (k.inflation, k.inflation_factor))
+                                       built.localiser, (k.inflation, k.inflation_factor), t)
+            t += info.weight
             _commit(store, evaluator, n, x, float("nan"), [info], t_step)
             bar.update(1)
             bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")

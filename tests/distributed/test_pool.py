@@ -138,14 +138,39 @@ def test_navier_stokes_on_ray_equals_in_process(tmp_path):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-def test_learned_prior_on_prior_actors_equals_in_process(tmp_path):
-    job = ["problem={kind: navier_stokes, n: 32, k: 2, T: 0.25, spinup: 1.0}", "prior={kind: learned, device: cpu}",
-           "enkg.ensemble_size=6", "enkg.num_steps=5", "output_dir=/tmp/unused"]
+def test_learned_prior_on_any_number_of_prior_actors_equals_in_process(tmp_path):
+    """Members batched by global index (max_batch 2: three batches of J = 6): 1, 2 or 3 actors give the in-process
+    bits (the UNet's output depends on its batch's composition at round-off)."""
+    job = ["problem={kind: navier_stokes, n: 32, k: 2, T: 0.25, spinup: 1.0}",
+           "prior={kind: learned, device: auto, max_batch: 2}", "enkg.ensemble_size=6", "enkg.num_steps=5",
+           "output_dir=/tmp/unused"]
     runs = []
-    for name, extra in [("local", []), ("ray2", ["execution.backend=ray", "execution.num_workers=2"])]:
+    for name, extra in [("local", []), ("ray1", ["execution.backend=ray", "execution.num_workers=2"]),
+                        ("ray2", ["execution.backend=ray", "execution.prior_actors=2"]),
+                        ("ray3", ["execution.backend=ray", "execution.prior_actors=3", "execution.num_workers=1"])]:
         out, _ = runner.run(cfgmod.load_config(None, job + extra), tmp_path / name, progress=False)
         runs.append(torch.load(out / "ensemble.pt")["particles"])
-    assert torch.equal(runs[0], runs[1])
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_prior_actors_move_cpu_weights_to_their_own_device():
+    from enkg_dist.distributed.prior import RemotePrior
+    from enkg_dist.priors.learned import LearnedPrior
+
+    prior = LearnedPrior.from_checkpoint("builtin:ns32", device="cpu", max_batch=3)
+    remote = RemotePrior(prior, num_actors=2, num_cpus=0, device="auto")
+    try:
+        assert remote.devices() == ["cpu", "cpu"]  # auto without a GPU grant
+        x = torch.randn(7, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        assert torch.equal(remote(x, 0.7), prior.denoise(x, 0.7))
+    finally:
+        remote.shutdown()
+    bad = RemotePrior(prior, num_actors=1, num_cpus=0, device="cuda")
+    try:
+        with pytest.raises(ray.exceptions.RayActorError, match="this actor was given no GPU"):
+            bad.devices()
+    finally:
+        bad.shutdown()
 
 
 def test_auto_batch_size_balances_dispatch_cost_and_load():
