@@ -7,11 +7,13 @@ member's trajectory does not depend on its batch-mates; "paper" takes the max ov
 
 Members are solved in lanes of `chunk` members (one batched FFT call per stage; members that reach T, blow up or
 exhaust `max_steps` leave their lane). Each step costs 12 real FFTs (an unavoidable 5 per tendency evaluation, 2 for
-the step rule's velocity), issued as 4 calls: the step rule's velocity comes out of the same inverse FFT call as the
-predictor's tendency (`NavierStokes2D.tendency_and_max_speed2`). On CPU the lanes run on torch.get_num_threads()
-threads, each computing with one intra-op thread: a member's bits depend on the members in its lane (chunk) only,
-never on the thread count; with chunk=1 they depend on nothing but the member. In per-member and fixed modes lanes
-run to T independently; in paper mode they advance in lock-step, the batch's step taken between steps.
+the step rule's velocity, which is the unmasked field's and so cannot share the tendency's masked transforms), in 4
+stacked transforms: the step rule's velocity comes out of the predictor's inverse transform
+(`NavierStokes2D.tendency_and_max_speed2`); spectra are k1-contiguous (`NavierStokes2D.fft`). On CPU the lanes run
+on torch.get_num_threads() threads, each computing with one intra-op thread: a member's bits depend on the members
+in its lane (chunk) only, never on the thread count; with chunk=1 they depend on nothing but the member. In
+per-member and fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step
+taken between steps.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -298,7 +300,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
         while lane.members:
             lane.advance(*rule(lane), T, max_steps)
 
-    with _single_threaded_ops() if cpu else _nothing():
+    with _single_threaded_ops() if cpu else nullcontext():
         if mode != "paper":
             _run_all([lambda k=k: run_lane(k) for k in range(len(groups))], threads)
         else:
@@ -320,7 +322,3 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     ok = torch.tensor([r is None for r in reasons], dtype=torch.bool, device=dev)
     return SolveResult(out, steps, ok, reasons, t, int(steps.max()) if B else 0)
 
-
-@contextmanager
-def _nothing():
-    yield
