@@ -48,7 +48,7 @@ def reference(tmp_path: Path) -> tuple[torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("store, damage", [("{}", None), ("{full_every: 20, checkpoint_every: 4}", None),
-                                           ("{}", "delete"), ("{}", "truncate")])
+                                           ("{}", "delete"), pytest.param("{}", "truncate", marks=pytest.mark.slow)])
 def test_kill_after_a_committed_step_then_resume(tmp_path, store, damage):
     """With `damage`, the store's root zarr.json is then deleted or truncated (the issue's 'every committed step
     unreachable'): the resume rebuilds it from the recovery copy and loses no committed step."""
