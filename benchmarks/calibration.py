@@ -7,7 +7,8 @@ exact posterior's own CRPS (`crps/post`, 1 is the best a sampler can do), forwar
 in-process through the same build and sampler as `enkg-dist run` (no run store). Threads pinned (--threads).
 
     python benchmarks/calibration.py --n 32 --J 64,256,1024
-    python benchmarks/calibration.py --n 64 --J 256 --settings default,none,gc4
+    python benchmarks/calibration.py --n 64 --J 64,256
+    python benchmarks/calibration.py --n 64 --J 1024 --settings "J×J, guard 1;GC c=3s, guard 3s"
     python benchmarks/calibration.py --list
 """
 
@@ -26,22 +27,24 @@ from enkg_dist import metrics, runner, sampler
 
 BASE = {32: "jobs/linear_gaussian_32.yaml", 64: "builtin:linear_gaussian_64"}
 
-SETTINGS = {  # label -> overrides on the base job (the job's own settings under "default")
-    "default": [],
-    "none": ["enkg.localisation.kind=none", "enkg.inflation=none"],
-    "gc2": ["enkg.localisation={kind: gaspari_cohn, radius: 2}", "enkg.inflation=none"],
-    "gc3": ["enkg.localisation={kind: gaspari_cohn, radius: 3}", "enkg.inflation=none"],
-    "gc4": ["enkg.localisation={kind: gaspari_cohn, radius: 4}", "enkg.inflation=none"],
-    "gc6": ["enkg.localisation={kind: gaspari_cohn, radius: 6}", "enkg.inflation=none"],
-    "gc8": ["enkg.localisation={kind: gaspari_cohn, radius: 8}", "enkg.inflation=none"],
-    "sec1": ["enkg.localisation={kind: sec, alpha: 1}", "enkg.inflation=none"],
-    "sec2": ["enkg.localisation={kind: sec, alpha: 2}", "enkg.inflation=none"],
-    "nice": ["enkg.localisation={kind: nice}", "enkg.inflation=none"],
-    "none+rtps": ["enkg.localisation.kind=none", "enkg.inflation=rtps", "enkg.inflation_factor=0.5"],
-    "gc4+rtps": ["enkg.localisation={kind: gaspari_cohn, radius: 4}", "enkg.inflation=rtps",
-                 "enkg.inflation_factor=0.5"],
-    "nice+rtps": ["enkg.localisation={kind: nice}", "enkg.inflation=rtps", "enkg.inflation_factor=0.5"],
+def _gc(c: float, guard: float) -> list[str]:
+    return [f"enkg.localisation={{kind: gaspari_cohn, radius: {c}}}", f"enkg.guard={guard}", "enkg.inflation=none"]
+
+
+# label -> overrides on the base job; s = n/32 scales radius and guard with the grid (measured best: c = 3 s, guard
+# 3 s; the shipped jobs use these)
+SETTINGS = {
+    "default": lambda s: [],
+    "J×J, guard 1": lambda s: ["enkg.localisation.kind=none", "enkg.guard=1", "enkg.inflation=none"],
+    "J×J, guard 3s": lambda s: ["enkg.localisation.kind=none", f"enkg.guard={3 * s}", "enkg.inflation=none"],
+    "GC c=3s, guard 3s": lambda s: _gc(3 * s, 3 * s),
+    "GC + RTPS 0.3": lambda s: [*_gc(3 * s, 3 * s)[:2], "enkg.inflation=rtps", "enkg.inflation_factor=0.3"],
+    "SEC α=1, guard 3s": lambda s: ["enkg.localisation={kind: sec, alpha: 1}", f"enkg.guard={3 * s}",
+                                    "enkg.inflation=none"],
+    "NICE, guard 3s": lambda s: ["enkg.localisation={kind: nice}", f"enkg.guard={3 * s}", "enkg.inflation=none"],
+    "GC c=3s, guard 1": lambda s: _gc(3 * s, 1),
 }
+TABLE = ["J×J, guard 1", "J×J, guard 3s", "GC c=3s, guard 3s", "GC + RTPS 0.3", "SEC α=1, guard 3s", "NICE, guard 3s"]
 
 
 def one_run(n: int, J: int, overrides: list[str], truth: int) -> dict:
@@ -73,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, choices=sorted(BASE))
     ap.add_argument("--J", default="64,256")
-    ap.add_argument("--settings", default="default,none,gc4,nice,gc4+rtps")
+    ap.add_argument("--settings", default=";".join(TABLE), help="labels separated by ';' (--list)")
     ap.add_argument("--truths", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append one JSON line per row to this file")
@@ -83,12 +86,12 @@ def main() -> None:
     a = ap.parse_args()
     for item in a.custom:
         label, _, rest = item.partition("=")
-        SETTINGS[label] = rest.split("|")
-        if label not in a.settings.split(","):
-            a.settings += f",{label}"
+        SETTINGS[label] = lambda s, ov=rest.split("|"): ov
+        if label not in a.settings.split(";"):
+            a.settings += f";{label}"
     if a.list:
         for k, v in SETTINGS.items():
-            print(f"{k}: {' '.join(v) or '(the job as shipped)'}")
+            print(f"{k}: {' '.join(v(1)) or '(the job as shipped)'}")
         return
     torch.set_num_threads(a.threads)
     truths = [int(t) for t in a.truths.split(",")]
@@ -98,15 +101,15 @@ def main() -> None:
           "| s per run |")
     print("|---|---|---|---|---|---|---|---|")
     for J in [int(j) for j in a.J.split(",")]:
-        for label in a.settings.split(","):
-            rows = [one_run(a.n, J, SETTINGS[label], t) for t in truths]
+        for label in a.settings.split(";"):
+            rows = [one_run(a.n, J, SETTINGS[label](a.n / 32), t) for t in truths]
             r = {k: np.array([row[k] for row in rows]) for k in rows[0]}
             print(f"| {label} | {J} | {r['ratio'].mean():.2f} ({r['ratio'].min():.2f}–{r['ratio'].max():.2f}) | "
                   f"{r['spread'].mean():.2f} | {r['spread_skill'].mean():.2f} | {r['crps_ratio'].mean():.2f} | "
                   f"{int(r['runs'].mean()):,} | {r['seconds'].mean():.1f} |", flush=True)
             if a.json:
                 with open(a.json, "a") as f:
-                    f.write(json.dumps({"n": a.n, "J": J, "setting": label, "overrides": SETTINGS[label],
+                    f.write(json.dumps({"n": a.n, "J": J, "setting": label, "overrides": SETTINGS[label](a.n / 32),
                                         **{k: v.tolist() for k, v in r.items()}}) + "\n")
 
 

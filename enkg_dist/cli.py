@@ -149,6 +149,7 @@ def generate_data_cmd(
     train: int = typer.Option(1024), val: int = typer.Option(16), test: int = typer.Option(16),
     alpha: float = typer.Option(2.5), tau: float = typer.Option(3.0), std: float = typer.Option(5.0),
     spinup: float = typer.Option(5.0, help="time units each GRF draw is evolved"),
+    re: float = typer.Option(200.0, "--Re", help="Reynolds number of the solver (problem.Re of the jobs)"),
     seed: int = typer.Option(0), batch: int = typer.Option(32, help="samples per chunk and per solve"),
     dtype: str = typer.Option("float32"), threads: Optional[int] = typer.Option(None, help="torch threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -159,7 +160,7 @@ def generate_data_cmd(
     try:
         out = generate_dataset(path, n=n, splits={"train": train, "val": val, "test": test}, alpha=alpha, tau=tau,
                                std=std, spinup=spinup, seed=seed, batch=batch, progress=progress, dtype=dtype,
-                               threads=threads)
+                               threads=threads, Re=re)
     except (ValueError, RuntimeError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     typer.echo(json.dumps(out))
