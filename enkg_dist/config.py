@@ -325,7 +325,7 @@ def one_line_error(exc: ValidationError, root: type[BaseModel] | None = None, wh
 # when the run stops for failures, and the store's write cadence. Every other key changes the answer: a resume with a
 # different value is refused, naming the keys. A key stands for itself and every key under it.
 RESUME_MAY_CHANGE = (
-    "name", "output_dir", "device",
+    "name", "output_dir", "device", "prior.device",
     "execution.backend", "execution.address", "execution.num_workers", "execution.worker_cpus",
     "execution.worker_gpus", "execution.worker_resources", "execution.batch_size", "execution.prior_actors",
     "execution.prior_gpus", "execution.num_cpus", "execution.dashboard", "execution.max_failed_fraction",

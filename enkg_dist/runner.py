@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from enkg_dist import config as cfgmod
 from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules
 from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
+from enkg_dist.kalman import EnsembleCollapseError
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.problems.base import InverseProblem
@@ -312,11 +313,12 @@ def _steps_and_corrections(cfg: cfgmod.RunConfig) -> tuple[int, int, int]:
     return cfg.enkg.ensemble_size, cfg.enkg.num_steps, cfg.enkg.num_corrections
 
 
-def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
+def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool, remote: bool = False):
     """Create the run's store, or open it for a resume after checking the config gives the same answer."""
     from enkg_dist.store import RunStore
 
     path = cfg.store.path or str(out / STORE_NAME)
+    hardware = hardware_of(cfg, built, remote)
     if resuming:
         store = RunStore.open(path, "a", on_damage="fallback", max_pending=cfg.store.max_pending, defer_writes=True,
                               checkpoint_every=cfg.store.checkpoint_every)
@@ -325,6 +327,10 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
             store.close()
             raise cfgmod.ConfigError(f"config error: cannot resume {out}: the config differs from the stored one in "
                                      f"{', '.join(diff)}")
+        stored = store.attrs.get("meta", {}).get("hardware")
+        if stored is not None and stored != hardware:
+            warnings.warn(f"resuming on other hardware ({hardware} instead of {stored}): the result will equal an "
+                          "uninterrupted run's only to round-off, not bit for bit", RuntimeWarning, stacklevel=2)
         text = cfgmod.dump(cfg)  # the keys that may change (resume --set) apply to later resumptions too
         if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text() != text:
             rundir.write_atomic(out / "config.yaml", text)
@@ -336,7 +342,17 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool):
                            num_steps=steps, num_corrections=K, dtype=cfg.dtype, full_every=cfg.store.full_every,
                            max_pending=cfg.store.max_pending, defer_writes=True,
                            checkpoint_every=cfg.store.checkpoint_every, reference=reference,
-                           reference_attrs=reference_attrs)
+                           reference_attrs=reference_attrs, meta={"hardware": hardware})
+
+
+def hardware_of(cfg: cfgmod.RunConfig, built: Built, remote: bool = False) -> dict:
+    """The hardware kinds whose round-off the result carries: the driver's (Kalman update) and the prior's."""
+    driver = devices.hardware_kind(resolve_device(cfg.device))
+    device = getattr(built.prior, "device", None)
+    prior = devices.hardware_kind(device) if isinstance(device, torch.device) else "cpu"
+    if remote and cfg.prior.kind == "learned":
+        prior = prior_device(cfg, remote=True)  # each actor's kind (GPU model not known to the driver)
+    return {"driver": driver, "prior": prior}
 
 
 def forward_budget(cfg: cfgmod.RunConfig) -> dict:
@@ -416,7 +432,7 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
     out, resuming = rd.path, rd.resuming
     pb = built.problem
     y = pb.y.to(device=device, dtype=dtype)
-    store = open_store(cfg, out, built, resuming)
+    store = open_store(cfg, out, built, resuming, on_ray(cfg, address))
     backend = make_backend(cfg, built, address)
     interrupt.rearm()  # ray.init replaces the SIGTERM handler
     evaluator = RecordingEvaluator(interrupt.checked(backend.forward), cfg.execution.max_failed_fraction,
@@ -429,7 +445,7 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
         loop = _run_enkg if cfg.method == "enkg" else _run_eki
         x = loop(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress)
         history = _history(store)
-    except TooManyFailures as e:
+    except (TooManyFailures, EnsembleCollapseError) as e:
         rundir.write_atomic(out / "stopped.json", json.dumps({"reason": str(e), "step": evaluator.step,
                                                               "failures": evaluator.failures[:100]}))
         raise

@@ -89,3 +89,21 @@ def test_forward_model_on_the_gpu_takes_and_returns_cpu_tensors():
     out = gpu(x)
     assert gpu.chunk is None and out.psi.device.type == "cpu"
     assert torch.allclose(out.psi, G(x).psi, rtol=1e-9, atol=1e-9)
+
+
+def test_a_resume_on_other_hardware_warns(tmp_path):
+    """The store records the hardware kinds of the driver and the prior; a resume elsewhere (here: the same run
+    continued with GPU prior actors) says the result is equal only to round-off."""
+    from enkg_dist.store import RunStore
+
+    job = ["problem.n=32", "problem.T=0.1", "problem.spinup=0.1", "enkg.ensemble_size=4", "enkg.num_steps=3",
+           "output_dir=/tmp/unused", "prior.device=cpu"]
+    cfg = cfgmod.load_config(None, job)
+    out, _ = runner.run(cfg, tmp_path / "run", progress=False)
+    with RunStore.open(out / "store.zarr", "r", verify=False) as st:
+        assert st.attrs["meta"]["hardware"] == {"driver": "cpu", "prior": "cpu"}
+    gpu = cfgmod.load_config(None, job + ["execution.backend=ray", "execution.prior_gpus=1", "prior.device=auto"])
+    built = runner.build(gpu, remote=True)
+    assert runner.hardware_of(gpu, built, remote=True) == {"driver": "cpu", "prior": "cuda"}
+    with pytest.warns(RuntimeWarning, match="resuming on other hardware"):
+        runner.open_store(gpu, out, built, resuming=True, remote=True).close()
