@@ -107,15 +107,21 @@ class LearnedPrior:
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """D(x; σ) for x (B, C, N, N); σ a scalar or one per member; returned in x's dtype and device."""
+        with torch.inference_mode():
+            return self._denoise(x, sigma)
+
+    def denoise_with_grad(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """D(x; σ) differentiable in x (autograd through the network), for gradient-based baselines such as DPS."""
+        return self._denoise(x, sigma)
+
+    def _denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.state_shape:
             raise ValueError(f"field shape mismatch: got {tuple(x.shape)}, learned prior takes (B, "
                              f"{', '.join(map(str, self.state_shape))})")
         sigma = torch.as_tensor(sigma, dtype=self.dtype).reshape(-1).expand(x.shape[0])
-        out = torch.empty_like(x)
-        with torch.inference_mode():
-            for start in range(0, x.shape[0], self.max_batch):
-                part = slice(start, start + self.max_batch)
-                xc = x[part].to(device=self.device, dtype=self.dtype)
-                d = self._forward(xc, sigma[part].to(self.device), self._amp)
-                out[part] = d.to(device=x.device, dtype=x.dtype)
-        return out
+        parts = []
+        for start in range(0, x.shape[0], self.max_batch):
+            part = slice(start, start + self.max_batch)
+            xc = x[part].to(device=self.device, dtype=self.dtype)
+            parts.append(self._forward(xc, sigma[part].to(self.device), self._amp).to(device=x.device, dtype=x.dtype))
+        return torch.cat(parts)

@@ -35,10 +35,12 @@ class NavierStokesForward(ForwardModel):
 
     def __init__(self, n: int = 128, k: int = 2, T: float = 1.0, Re: float = 200.0, forcing_amplitude: float = 4.0,
                  forcing_wavenumber: int = 4, dealias: str = "disc", mode: str = "per_member",
-                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | None = 1):
+                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | None = 1,
+                 dt: float | None = None):
         if n % k:
             raise ValueError(f"grid size {n} is not a multiple of the subsampling factor {k}")
         self.n, self.k, self.T, self.mode, self.max_steps = n, k, float(T), mode, int(max_steps)
+        self.dt = dt  # the step of mode "fixed" (a smooth map of x: exact gradients for DPS checks)
         self.dtype, self.device = dtype, device
         # members per FFT call: 1 keeps each member's bits independent of the batch it came in (FFT kernels vectorise
         # across a batch, so a batched result can differ at round-off); None: the solver's fastest chunking
@@ -74,7 +76,7 @@ class NavierStokesForward(ForwardModel):
         if key not in self._equations:
             self._equations[key] = self.equation.to(*key)
         return solve(w0, self.T, mode=self.mode, equation=self._equations[key], max_steps=self.max_steps,
-                     chunk=self.chunk)
+                     chunk=self.chunk, dt=self.dt)
 
     def __call__(self, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:
         self.check_input(x)
