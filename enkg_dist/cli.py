@@ -177,12 +177,14 @@ def train_prior_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Train the EDM UNet prior (multi-process: torchrun --nproc-per-node=K -m enkg_dist.cli train-prior ...)."""
+    from enkg_dist.data import training_splits
     from enkg_dist.priors import training
 
     try:
         base = training.stored_config(out) if resume else None
         cfg = training.load_train_config(config, [*set_, *([f"steps={steps}"] if steps else [])], base)
-        summary = training.train_prior(data, out, cfg, resume=resume, progress=progress)
+        train_x, val_x, attrs = training_splits(data)
+        summary = training.train_prior(train_x, val_x, attrs, str(data), out, cfg, resume=resume, progress=progress)
     except ValueError as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if summary["rank"] == 0:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from enkg_dist import budget, runner
 from enkg_dist import config as cfgmod
+from enkg_dist import schema
 from enkg_dist.cli import app
 
 
@@ -23,7 +24,7 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         out.append(prefix + name)
-        for sub in cfgmod._models_in(field.annotation):
+        for sub in schema.models_in(field.annotation):
             out += _keys(sub, f"{prefix}{name}.")
     return out
 

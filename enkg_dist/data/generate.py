@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from enkg_dist import rng
-from enkg_dist.priors.gaussian import GaussianFieldPrior
+from enkg_dist.fields import GaussianField
 from enkg_dist.problems.navier_stokes import NavierStokes2D, solve
 from enkg_dist.problems.navier_stokes.problem import SCALE
 
@@ -44,7 +44,7 @@ def sample_key(seed: int, split: str, index: int, attempt: int = 0) -> tuple:
     return (int(seed), rng.DATA, int(index), split_key(split), int(attempt))
 
 
-def draw(prior: GaussianFieldPrior, seed: int, split: str, indices, attempts, n: int) -> torch.Tensor:
+def draw(prior: GaussianField, seed: int, split: str, indices, attempts, n: int) -> torch.Tensor:
     """Initial vorticities (B, n, n), float64: sample indices[b] on its attempts[b]-th draw."""
     z = torch.cat([rng.member_normal(seed, rng.DATA, [i], (n, n), split_key(split), a)
                    for i, a in zip(indices, attempts)])
@@ -103,7 +103,7 @@ def generate_dataset(path, n: int = 64, splits: Mapping[str, int] | None = None,
                                              dtype=np_dtype, dimension_names=DIMS, fill_value=np.nan,
                                              attributes={"done": 0, "redrawn": 0})
 
-    prior = GaussianFieldPrior.matern_like(n, alpha, tau, std, zero_mean_mode=True)
+    prior = GaussianField.matern_like(n, alpha, tau, std, zero_mean_mode=True)
     total = sum(splits.values())
     bar = None
     if progress:
@@ -134,7 +134,7 @@ def generate_dataset(path, n: int = 64, splits: Mapping[str, int] | None = None,
     return summary(arrays)
 
 
-def evolve(eq: NavierStokes2D, prior: GaussianFieldPrior, seed: int, split: str, indices: list[int], n: int,
+def evolve(eq: NavierStokes2D, prior: GaussianField, seed: int, split: str, indices: list[int], n: int,
            spinup: float) -> tuple[torch.Tensor, int]:
     """The spun-up fields (B, n, n) of samples `indices`, redrawing failures; and how many redraws were needed."""
     attempts = [0] * len(indices)
@@ -184,3 +184,11 @@ def open_dataset(path, split: str = "train", committed: bool = True) -> np.ndarr
     arr = zarr.open_group(path, mode="r")[split]
     stop = int(arr.attrs["done"]) if committed else arr.shape[0]
     return arr[:stop]
+
+
+def training_splits(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """What training a prior reads of a data set: its train split, its val split (None when it has none) and its
+    attributes (the generator's parameters)."""
+    attrs = dataset_attributes(path)
+    val = open_dataset(path, "val") if "val" in attrs.get("splits", {}) else None
+    return open_dataset(path, "train"), val, attrs

@@ -35,6 +35,7 @@ from enkg_dist import rng
 from enkg_dist.devices import hardware_kind, repeatable, resolve_device
 from enkg_dist.priors.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
+from enkg_dist.schema import apply_overrides, one_line_error
 
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
 # keys that may change on resume (they do not change the weights, or only their rounding)
@@ -71,15 +72,11 @@ class TrainConfig(BaseModel):
 
 def config_error(e: ValidationError) -> ValueError:
     """A one-line ValueError from a pydantic error of a TrainConfig."""
-    from enkg_dist.config import one_line_error
-
     return ValueError(one_line_error(e, TrainConfig, "train config error"))
 
 
 def load_train_config(path=None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """TrainConfig from `base` (e.g. a stored one), then a YAML file, then KEY=VALUE overrides."""
-    from enkg_dist.config import apply_overrides
-
     data = dict(base or {})
     if path is not None:
         if not Path(path).is_file():
@@ -389,18 +386,17 @@ def _all_mean(value: float, world: int, device) -> float:
     return float(t) / world
 
 
-def train_prior(data_path, out_dir, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train on the train split of an NS Zarr data set (`enkg-dist generate-data`), validating on its val split."""
-    from enkg_dist.data.generate import dataset_attributes, open_dataset
-
-    attrs = dataset_attributes(data_path)
+def train_prior(train_x, val_x, attrs: dict, source: str, out_dir, cfg: TrainConfig, resume: bool = False,
+                progress: bool = True) -> dict:
+    """Train on a data set's train split, validating on its val split (None: no validation); `attrs` are the data
+    set's attributes (its generator's parameters), checked against the augmentation. The caller reads the data set
+    (`enkg_dist.data.training_splits`): training imports no data package."""
     kf = attrs.get("forcing_wavenumber")
     if cfg.augment == "kolmogorov" and kf is not None and int(kf) != cfg.forcing_wavenumber:
         raise ValueError(f"data forcing wavenumber {kf} differs from forcing_wavenumber {cfg.forcing_wavenumber}")
-    train_x = torch.from_numpy(np.asarray(open_dataset(data_path, "train")))
-    val_x = torch.from_numpy(np.asarray(open_dataset(data_path, "val"))) if "val" in attrs.get("splits", {}) else None
-    info = {"source": str(data_path), "attributes": attrs}
-    return train(cfg, train_x, out_dir, val_x, info, resume, progress)
+    train_x = torch.from_numpy(np.asarray(train_x))
+    val_x = None if val_x is None else torch.from_numpy(np.asarray(val_x))
+    return train(cfg, train_x, out_dir, val_x, {"source": source, "attributes": attrs}, resume, progress)
 
 
 def stored_config(out_dir) -> dict | None:

@@ -11,7 +11,7 @@ import torch
 
 from enkg_dist.localisation import grid_geometry
 from enkg_dist.noise import NoiseCovariance
-from enkg_dist.priors.gaussian import GaussianFieldPrior, wavenumbers
+from enkg_dist.fields import GaussianField, wavenumbers
 from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem
 
 
@@ -56,7 +56,7 @@ class SubsampleBlur(ForwardModel):
 class LinearGaussianPosterior:
     """Exact posterior N(m_post, C_post) for prior N(mu, C) and y = H x + N(0, s^2 I)."""
 
-    def __init__(self, prior: GaussianFieldPrior, G: SubsampleBlur, noise_std: float):
+    def __init__(self, prior: GaussianField, G: SubsampleBlur, noise_std: float):
         self.prior, self.G, self.s2 = prior, G, float(noise_std) ** 2
         n, k = G.n, G.k
         M = n // k
@@ -120,11 +120,11 @@ def make_problem(
     noise_std: float = 0.1,
     truth_seed: int = 0,
     dtype=torch.float64,
-) -> tuple[InverseProblem, GaussianFieldPrior, LinearGaussianPosterior]:
+) -> tuple[InverseProblem, GaussianField, LinearGaussianPosterior]:
     """A truth drawn from the prior, its noisy subsampled observation, and the exact posterior."""
     from enkg_dist import rng
 
-    prior = GaussianFieldPrior.matern_like(n, alpha, tau, std)
+    prior = GaussianField.matern_like(n, alpha, tau, std)
     G = SubsampleBlur(n, k, blur)
     x_true = prior.sample(rng.member_normal(truth_seed, rng.DATA, [0], (1, n, n)))[0]
     eps = rng.member_normal(truth_seed, rng.OBS_NOISE, [0], (G.obs_size,))[0] * noise_std

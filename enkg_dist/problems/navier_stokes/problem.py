@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from enkg_dist import rng
+from enkg_dist.fields import GaussianField
 from enkg_dist.localisation import grid_geometry
-from enkg_dist.noise import NoiseCovariance
-from enkg_dist.priors.gaussian import GaussianFieldPrior
 from enkg_dist.metrics import ensemble_metrics
+from enkg_dist.noise import NoiseCovariance
 from enkg_dist.problems.base import ForwardModel, ForwardResult, InverseProblem
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
 from enkg_dist.problems.navier_stokes.solver import solve
@@ -93,7 +93,7 @@ def grf_vorticity(n: int, seed: int, alpha: float = 2.5, tau: float = 3.0, std: 
     enkg.md §4 writes the spectrum as (|k|^2 + tau^2)^(-alpha/2): we read that as the amplitude (as in the PINO
     generator, whose sqrt_eig carries the power -alpha/2), so the variance goes as its square.
     """
-    prior = GaussianFieldPrior.matern_like(n, alpha, tau, std, zero_mean_mode=True)
+    prior = GaussianField.matern_like(n, alpha, tau, std, zero_mean_mode=True)
     return prior.sample(rng.member_normal(seed, rng.DATA, [0], (n, n)))
 
 
