@@ -2,8 +2,10 @@
 is compared with (it needs dG/dx, here by autograd through our differentiable torch solver).
 
 Each member runs the Euler probability-flow step from sigma_i to sigma_(i+1), then moves against the gradient of its
-data misfit through the denoiser: x <- x_euler - zeta grad_x |Gamma^{-1/2}(y - G(D(x; sigma_i)))| (Chung et al.
-2023, Algorithm 1, with the norm's gradient, i.e. their zeta_i = zeta / |y - A(x0_hat)| on the squared norm).
+data misfit through the denoiser: x <- x_euler - zeta grad_x s |Gamma^{-1/2}(y - G(D(x; sigma_i)))| (Chung et al.
+2023, Algorithm 1, with the norm's gradient, i.e. their zeta_i = zeta / |y - A(x0_hat)| on the squared norm);
+s = sqrt(tr Gamma / m) puts the whitened misfit back in data units, so that zeta does not depend on the noise level
+(for Gamma = s^2 I the misfit is their plain |y - A(x0_hat)|).
 Members are independent: J samples of DPS, not an ensemble method. Pure maths: collaborators are arguments.
 """
 
@@ -34,13 +36,14 @@ class DPSConfig:
 
 def misfit_gradient(denoise: Callable, forward: Callable, x: torch.Tensor, sigma: float, y: torch.Tensor,
                     Gamma: NoiseCovariance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x |Gamma^{-1/2}(G(D(x; sigma)) - y)| per member, D(x; sigma), the misfit norms); members whose forward
-    output is not finite get a zero gradient and an infinite norm."""
+    """(grad_x s |Gamma^{-1/2}(G(D(x; sigma)) - y)| per member, D(x; sigma), the misfit norms), s = sqrt(tr Gamma /
+    m); members whose forward output is not finite get a zero gradient and an infinite norm."""
     x = x.detach().requires_grad_(True)
+    units = (Gamma.trace() / Gamma.m) ** 0.5
     with torch.enable_grad():
         x0 = denoise(x, sigma)
         r = Gamma.whiten(forward(x0) - y)
-        norm = r.pow(2).sum(1).sqrt()
+        norm = units * r.pow(2).sum(1).sqrt()
         ok = torch.isfinite(norm)
         (g,) = torch.autograd.grad(torch.where(ok, norm, torch.zeros((), dtype=norm.dtype)).sum(), x)
     g = torch.where(ok.reshape(-1, *[1] * (x.dim() - 1)), torch.nan_to_num(g), torch.zeros((), dtype=g.dtype))

@@ -31,8 +31,7 @@ def test_misfit_gradient_through_the_navier_stokes_solver_matches_finite_differe
     x = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
     def loss(z):
-        r = problem.Gamma.whiten(problem.forward(prior.denoise(z, 0.3)).psi - problem.y)
-        return r.pow(2).sum(1).sqrt().sum()
+        return (problem.forward(prior.denoise(z, 0.3)).psi - problem.y).pow(2).sum(1).sqrt().sum()  # Gamma = s^2 I
 
     _fd_check(loss, x)
     g, _, norm = dps.misfit_gradient(prior.denoise, lambda z: problem.forward(z).psi, x, 0.3, problem.y,
@@ -63,7 +62,7 @@ def test_failed_members_get_no_gradient():
     assert float(g[0].abs().max()) == 0.0 and norm[0] == float("inf") and bool(torch.isfinite(g).all())
 
 
-@pytest.mark.parametrize("scale", [0.05])
+@pytest.mark.parametrize("scale", [0.5])
 def test_dps_fits_the_data_better_than_the_unconditional_prior(scale):
     problem, prior, post = make_problem(n=16, k=2, noise_std=0.1, truth_seed=0)
     cfg = dps.DPSConfig(num_steps=40, scale=scale)

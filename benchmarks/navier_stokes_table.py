@@ -1,0 +1,178 @@
+"""Navier-Stokes inversions side by side: EnKG as the authors run it, EnKG with localisation, EKI, the unconditional
+prior and DPS (gradients by autograd through our solver), on the same problem, prior and truths.
+
+    python benchmarks/navier_stokes_table.py --n 64 --k 4 --noise 0 --J 32 --truths 0,1,2 --prior gaussian_fit:data/ns64.zarr
+    python benchmarks/navier_stokes_table.py --n 32 --k 2 --prior builtin:ns32 --curve 16,32,64,128
+
+Per method and truth: relative L2 of the ensemble mean and of the particles (the paper's metric), spread-skill, CRPS
+(in model units x = w/10), forward runs (DPS: forward and backward solves) and wall time; then the means over
+truths, and the published numbers with what differs. --curve adds the accuracy-against-forward-runs figure for EnKG
+and localised EnKG over ensemble sizes (written to --out). Threads pinned (--threads); the load is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from enkg_dist import config as cfgmod
+from enkg_dist import dps, metrics, runner, sampler
+
+PUBLISHED = [  # (source, setting, method, rel. L2, note)
+    ("EnKG paper (Zheng et al. 2024)", "128², k = 2, σ = 0", "EnKG", 0.120, "J = 2048, 26.8 M-parameter prior, ~295 k "
+     "forward runs; particles' metric"),
+    ("EnKG paper", "128², k = 2, σ = 0", "EKI (GRF prior)", 0.577, "1,024 k forward runs"),
+    ("EnKG paper", "128², k = 2, σ = 0", "DPG", 0.325, "4,000 k forward runs"),
+    ("EnKG paper", "128², k = 2, σ = 1 / 2", "EnKG", 0.191, "σ = 1; 0.294 at σ = 2"),
+    ("newer comparison (issue 13)", "64², k = 4, low noise", "EnKG", 0.129, "J = 100, own trained prior"),
+    ("newer comparison", "64², k = 4, low noise", "Blade (calibrated successor)", 0.069, "J = 100"),
+    ("newer comparison", "64², k = 4, low noise", "EKI", 0.517, "J = 100"),
+]
+
+
+def methods(a) -> dict[str, list[str]]:
+    """Method label -> config overrides on the base job."""
+    loc = [f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}}}", f"enkg.guard={a.guard}"]
+    return {
+        "EnKG, authors' step (s = 2, |A|_F, no guard)": ["enkg.localisation.kind=none", "enkg.guard=null"],
+        "EnKG, guard 1 (previous default)": ["enkg.localisation.kind=none", "enkg.guard=1"],
+        f"EnKG + Gaspari-Cohn c = {a.radius}, guard {a.guard}": loc,
+        f"EnKG + GC + RTPS {a.rtps}": [*loc, "enkg.inflation=rtps", f"enkg.inflation_factor={a.rtps}"],
+        "unconditional prior (no guidance)": ["enkg.num_corrections=0"],
+        "EKI, data-misfit controller (Gaussian prior)": ["method=eki", "eki.dt=auto", f"eki.ensemble_size={a.J}",
+                                                         f"eki.iterations={a.eki_iterations}", "prior={kind: gaussian, "
+                                                         "alpha: 2.5, tau: 3.0, std: 0.5}"],
+        "DPS (autograd through the solver)": [],
+    }
+
+
+def base(a, J: int, truth: int) -> list[str]:
+    prior = (["prior={kind: learned, checkpoint: " + a.prior + "}"] if not a.prior.startswith("gaussian_fit:")
+             else ["prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}"])
+    return [f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
+            f"truth_seed: {truth}, member_chunk: null}}", *prior, f"enkg.ensemble_size={J}",
+            f"enkg.num_steps={a.N}", f"enkg.num_corrections={a.K}", "output_dir=/tmp/unused", f"seed={truth}"]
+
+
+def run_dps(cfg, a) -> dict:
+    """DPS in-process with the same problem, prior and initial noise as the EnKG runs; gradient via autograd."""
+    built = runner.build(cfg)
+    pb, prior = built.problem, built.prior
+    denoise = getattr(prior, "denoise_with_grad", prior.denoise)
+    count = {"runs": 0}
+
+    def forward(x):
+        count["runs"] += 2 * x.shape[0]  # a forward and a backward solve per member
+        return pb.forward(x).psi
+
+    J = cfg.enkg.ensemble_size
+    dcfg = dps.DPSConfig(num_steps=a.N, scale=a.dps_scale)
+    x_T = sampler.initial_particles(cfg.seed, J, pb.forward.state_shape, dcfg.sigma_max)
+    t0 = time.perf_counter()
+    x = dps.dps_sample(denoise, forward, x_T, pb.y, pb.Gamma, dcfg)
+    m = metrics.ensemble_metrics(x.detach(), pb.x_true)
+    m.update({"forward_evaluations": count["runs"], "wall_seconds": time.perf_counter() - t0})
+    return m
+
+
+_RUNS = [0]
+
+
+def one(a, label: str, overrides: list[str], J: int, truth: int, out: Path) -> dict:
+    cfg = cfgmod.load_config(None, [*base(a, J, truth), *overrides])
+    if label.startswith("DPS"):
+        return run_dps(cfg, a)
+    _RUNS[0] += 1
+    _, m = runner.run(cfg, out / f"run-{_RUNS[0]}", progress=False)  # a fresh run directory each time
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--T", type=float, default=1.0)
+    ap.add_argument("--Re", type=float, default=200.0)
+    ap.add_argument("--noise", type=float, default=0.0, help="observation noise std, vorticity units")
+    ap.add_argument("--prior", default="builtin:ns32", help="learned checkpoint, or gaussian_fit:DATA.zarr")
+    ap.add_argument("--J", type=int, default=32)
+    ap.add_argument("--N", type=int, default=20)
+    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--radius", type=float, default=8.0)
+    ap.add_argument("--guard", type=float, default=3.0)
+    ap.add_argument("--rtps", type=float, default=0.3)
+    ap.add_argument("--eki-iterations", type=int, default=34, help="EKI iterations (its budget: J x iterations)")
+    ap.add_argument("--dps-scale", type=float, default=1.0, help="DPS zeta (data units; measured: 1 fits, 5 diverges)")
+    ap.add_argument("--truths", default="0,1")
+    ap.add_argument("--methods", default="all", help="comma-separated indices into the method list, or all")
+    ap.add_argument("--curve", default="", help="ensemble sizes for the accuracy-vs-forward-runs figure")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="append one JSON line per run")
+    ap.add_argument("--out", default="ns_table", help="folder for the figure")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    truths = [int(t) for t in a.truths.split(",")]
+    table = methods(a)
+    chosen = list(table) if a.methods == "all" else [list(table)[int(i)] for i in a.methods.split(",")]
+    print(f"Navier-Stokes {a.n}², k = {a.k}, T = {a.T}, Re = {a.Re}, noise {a.noise}, prior {a.prior}, J = {a.J}, "
+          f"N = {a.N}, K = {a.K}, truths {truths}; {a.threads} thread(s), load {os.getloadavg()[0]:.1f} at start")
+    print("| method | rel. L2 of mean | of particles | spread-skill | CRPS | forward runs | s per run |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in chosen:
+            rows = [one(a, label, table[label], a.J, t, Path(tmp)) for t in truths]
+            r = {k: np.array([row.get(k, np.nan) for row in rows], dtype=float)
+                 for k in ("rel_l2_mean", "rel_l2_particles", "spread_skill", "crps", "forward_evaluations",
+                           "wall_seconds")}
+            print(f"| {label} | {r['rel_l2_mean'].mean():.3f} ({r['rel_l2_mean'].std():.3f}) | "
+                  f"{r['rel_l2_particles'].mean():.3f} | {r['spread_skill'].mean():.2f} | {r['crps'].mean():.4f} | "
+                  f"{int(r['forward_evaluations'].mean()):,} | {r['wall_seconds'].mean():.0f} |", flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps({"args": vars(a), "method": label, **{k: v.tolist() for k, v in r.items()}})
+                            + "\n")
+        print("\nPublished (different priors, resolutions and ensembles; see the note per row):\n")
+        print("| source | setting | method | rel. L2 | what differs |\n|---|---|---|---|---|")
+        for src, setting, meth, val, note in PUBLISHED:
+            print(f"| {src} | {setting} | {meth} | {val:.3f} | {note} |")
+        if a.curve:
+            curve(a, truths, Path(tmp), table)
+
+
+def curve(a, truths, tmp: Path, table: dict) -> None:
+    """Accuracy against forward runs over ensemble sizes, EnKG as the authors run it and localised (a figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [list(table)[0], list(table)[2]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label in labels:
+        xs, ys = [], []
+        for J in [int(j) for j in a.curve.split(",")]:
+            ms = [one(a, label, table[label], J, t, tmp) for t in truths]
+            xs.append(np.mean([m["forward_evaluations"] for m in ms]))
+            ys.append(np.mean([m["rel_l2_mean"] for m in ms]))
+            print(f"curve | {label} | J = {J} | {ys[-1]:.3f} | {int(xs[-1]):,} |", flush=True)
+        ax.plot(xs, ys, "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("forward runs")
+    ax.set_ylabel("relative L2 of the ensemble mean")
+    ax.set_title(f"NS {a.n}², k = {a.k}: accuracy against forward runs")
+    ax.legend(fontsize=7)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(Path(a.out) / "accuracy_vs_forward_runs.png", dpi=120)
+    print(f"figure: {Path(a.out) / 'accuracy_vs_forward_runs.png'}")
+
+
+if __name__ == "__main__":
+    main()
