@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from enkg_dist import schema
 from enkg_dist.sampler import EnKGConfig
@@ -136,31 +139,17 @@ class LocalisationSettings(_Model):
         return self
 
 
-class EnKGSettings(_Model):
-    """EnKG hyperparameters (enkg.md §2); see enkg_dist.sampler.EnKGConfig."""
+def _method_fields(method) -> dict:
+    """Pydantic field definitions from a method's dataclass (sampler.EnKGConfig): its types, defaults, bounds and
+    descriptions, in its order."""
+    hints = typing.get_type_hints(method)
+    return {f.name: (hints[f.name], Field(f.default, **f.metadata)) for f in dataclasses.fields(method)}
 
-    ensemble_size: int = Field(256, ge=2, description="J")
-    num_steps: int = Field(80, ge=1, le=100_000, description="N, diffusion steps")
-    sigma_max: float = Field(80.0, gt=0)
-    sigma_min: float = Field(0.002, gt=0)
-    rho: float = Field(7.0, gt=0)
-    scale: float = Field(2.0, gt=0, description="guidance scale s")
-    lr_min_ratio: float | None = Field(None, ge=0, le=1, description="linear decay of s to this ratio (None: constant)")
-    step_rule: Literal["frobenius", "trace"] = "frobenius"
-    guard: float | None = Field(1.0, gt=0, description="cap w <= guard/tr(C_psipsi); null for the authors' step")
-    num_corrections: int = Field(2, ge=0, description="K")
-    guidance_start: float = Field(0.05, ge=0, le=1)
-    guidance_end: float = Field(0.05, ge=0, le=1)
-    ode_divisor: int = Field(4, ge=1)
-    ode_max_steps: int = Field(20, ge=1)
-    predictor: Literal["euler", "heun"] = "euler"
-    failure_policy: Literal["keep", "resample"] = "keep"
-    localisation: LocalisationSettings = Field(default_factory=LocalisationSettings)
-    inflation: Literal["none", "multiplicative", "rtps"] = Field(
-        "none", description="spread control after each step's corrections")
-    inflation_factor: float = Field(1.0, ge=0, description="lambda (multiplicative) or alpha (rtps, in [0, 1])")
 
-    @field_validator("sigma_min")
+class _EnKGChecks(_Model):
+    """The checks across fields of the `enkg:` section, and its conversion to the sampler's dataclass."""
+
+    @field_validator("sigma_min", check_fields=False)
     @classmethod
     def _below_sigma_max(cls, v: float, info: ValidationInfo) -> float:
         top = info.data.get("sigma_max")
@@ -169,11 +158,24 @@ class EnKGSettings(_Model):
         return v
 
     def sampler_config(self) -> EnKGConfig:
-        return EnKGConfig(**self.model_dump(exclude={"ensemble_size", "localisation"}))
+        return EnKGConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EnKGConfig)})
 
     @model_validator(mode="after")
     def _inflation(self):
         return _check_inflation(self)
+
+
+_ENKG = _method_fields(EnKGConfig)
+# The `enkg:` section: the sampler's one field list (sampler.EnKGConfig), plus the run's ensemble size and
+# localisation, in the order job files have always listed them.
+EnKGSettings = create_model(
+    "EnKGSettings", __base__=_EnKGChecks, __module__=__name__,
+    __doc__="EnKG hyperparameters (enkg.md §2): the fields of enkg_dist.sampler.EnKGConfig, plus J and localisation.",
+    ensemble_size=(int, Field(256, ge=2, description="J")),
+    **{k: v for k, v in _ENKG.items() if k not in ("inflation", "inflation_factor")},
+    localisation=(LocalisationSettings, Field(default_factory=LocalisationSettings)),
+    inflation=_ENKG["inflation"], inflation_factor=_ENKG["inflation_factor"],
+)
 
 
 def _check_inflation(settings):

@@ -10,6 +10,7 @@ import dataclasses
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,27 +25,37 @@ Evaluator = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 PREDICTORS = ("euler", "heun")
 
 
+def setting(default, description: str | None = None, **bounds):
+    """A hyperparameter of a method's dataclass with its bounds (ge, gt, le) and description: the one field list
+    that the run configuration (config.EnKGSettings) builds its schema from, so the two cannot drift apart."""
+    return field(default=default, metadata={**bounds, **({"description": description} if description else {})})
+
+
 @dataclass(frozen=True)
 class EnKGConfig:
-    """Hyperparameters of EnKG (enkg.md §2-3); defaults are the authors' Navier-Stokes settings except the guard."""
+    """Hyperparameters of EnKG (enkg.md §2-3); defaults are the authors' Navier-Stokes settings except the guard.
 
-    num_steps: int = 80  # N
-    sigma_max: float = 80.0
-    sigma_min: float = 0.002
-    rho: float = 7.0
-    scale: float = 2.0  # s
-    lr_min_ratio: float | None = None  # r: linear decay of s when set
-    step_rule: str = "frobenius"  # "frobenius" (code: s/|A|_F) or "trace" (paper: s/tr C_psipsi)
-    guard: float | None = 1.0  # cap on w * tr(C_psipsi) (None: the authors' unguarded step)
-    num_corrections: int = 2  # K
-    guidance_start: float = 0.05
-    guidance_end: float = 0.05
-    ode_divisor: int = 4
-    ode_max_steps: int = 20
-    predictor: str = "euler"
-    failure_policy: str = "keep"  # failed members: "keep" unmoved, or "resample" (SampleSuccGauss)
-    inflation: str = "none"  # spread control after the K corrections: "none", "multiplicative", "rtps"
-    inflation_factor: float = 1.0  # lambda of multiplicative inflation, or alpha of RTPS
+    The job file's `enkg:` section is this dataclass's fields (types, defaults, bounds, descriptions), plus the
+    run's own ensemble_size and localisation (config.EnKGSettings)."""
+
+    num_steps: int = setting(80, "N, diffusion steps", ge=1, le=100_000)
+    sigma_max: float = setting(80.0, gt=0)
+    sigma_min: float = setting(0.002, gt=0)
+    rho: float = setting(7.0, gt=0)
+    scale: float = setting(2.0, "guidance scale s", gt=0)
+    lr_min_ratio: float | None = setting(None, "linear decay of s to this ratio (None: constant)", ge=0, le=1)
+    # "frobenius" (code: s/|A|_F) or "trace" (paper: s/tr C_psipsi)
+    step_rule: Literal[kalman.STEP_RULES] = "frobenius"
+    guard: float | None = setting(1.0, "cap w <= guard/tr(C_psipsi); null for the authors' step", gt=0)
+    num_corrections: int = setting(2, "K", ge=0)
+    guidance_start: float = setting(0.05, ge=0, le=1)
+    guidance_end: float = setting(0.05, ge=0, le=1)
+    ode_divisor: int = setting(4, ge=1)
+    ode_max_steps: int = setting(20, ge=1)
+    predictor: Literal[PREDICTORS] = "euler"
+    failure_policy: Literal[kalman.FAILURE_POLICIES] = "keep"  # failed members: "keep" unmoved, or "resample"
+    inflation: Literal[inflation.KINDS] = setting("none", "spread control after each step's corrections")
+    inflation_factor: float = setting(1.0, "lambda (multiplicative) or alpha (rtps, in [0, 1])", ge=0)
 
     def __post_init__(self):
         if self.step_rule not in kalman.STEP_RULES:

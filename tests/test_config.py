@@ -74,3 +74,23 @@ def test_empty_job_and_bad_set_values(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot be read|not valid YAML"):
         load_config(binary)
+
+
+def test_the_enkg_section_is_the_samplers_one_field_list():
+    """config.EnKGSettings is built from sampler.EnKGConfig's fields (types, defaults, bounds): the job file keys are
+    the dataclass's, plus the run's ensemble size and localisation, in the order job files list them."""
+    import dataclasses
+
+    from enkg_dist.config import EnKGSettings
+    from enkg_dist.sampler import EnKGConfig
+
+    names = [f.name for f in dataclasses.fields(EnKGConfig)]
+    assert list(EnKGSettings.model_fields) == ["ensemble_size", *names[:-2], "localisation", *names[-2:]]
+    assert all(EnKGSettings.model_fields[f.name].default == f.default for f in dataclasses.fields(EnKGConfig))
+    assert EnKGSettings().sampler_config() == EnKGConfig()
+    changed = validate({"enkg": {"scale": 0.5, "step_rule": "trace", "guard": None, "inflation": "rtps",
+                                 "inflation_factor": 0.3, "num_steps": 7}}).enkg.sampler_config()
+    assert changed == EnKGConfig(scale=0.5, step_rule="trace", guard=None, inflation="rtps", inflation_factor=0.3,
+                                 num_steps=7)
+    with pytest.raises(ConfigError, match="enkg.num_steps: Input should be less than or equal to 100000"):
+        validate({"enkg": {"num_steps": 100_001}})  # the bound lives on the dataclass's field
