@@ -78,8 +78,8 @@ def run(
         _interrupted(e)
     except _FAULTS as e:
         _fault(e)
-    keys = ["rel_l2_particles", "rel_l2_mean", "posterior_mean_rel_l2", "ratio_to_bayes", "spread_ratio",
-            "forward_evaluations", "wall_seconds"]
+    keys = ["rel_l2_particles", "rel_l2_mean", "spread_skill", "crps", "posterior_mean_rel_l2", "ratio_to_bayes",
+            "spread_ratio", "forward_evaluations", "wall_seconds"]
     typer.echo(f"run directory: {out}")
     typer.echo("  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
 
