@@ -26,7 +26,7 @@ def one_step(cfg, address=None) -> float:
         i = scfg.num_steps // 2  # a guided step in the middle: n_ode inner steps, K corrections
         x = sampler.initial_particles(0, cfg.enkg.ensemble_size, pb.forward.state_shape, scfg.sigma_max)
         x = x * float(scfg.sigmas()[i]) / scfg.sigma_max
-        from enkg_dist.backends import Evaluator
+        from enkg_dist.evaluation import Evaluator
 
         ev = Evaluator(backend.forward)
         sampler.enkg_step(backend.denoise, ev, x, i, pb.y, pb.Gamma, scfg)  # warm-up (workers start)

@@ -107,7 +107,7 @@ def cluster_forward(G, sim: float, workers: int, groups: int = 8):
 def bench_step(root: Path, J: int, n: int, sim: float, workers: int, steps: int, rounds: int, every: int) -> dict:
     """Seconds of each guided EnKG step with the store off and on (the full ensemble written every `every` steps)."""
     from enkg_dist import sampler
-    from enkg_dist.backends import Evaluator
+    from enkg_dist.evaluation import Evaluator
     from enkg_dist.problems.linear_gaussian import make_problem
     from enkg_dist.recording import RecordingEvaluator
     from enkg_dist.runner import _commit

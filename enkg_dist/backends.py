@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from enkg_dist.problems.base import ForwardResult, safe_evaluate
-
-
-class TooManyFailures(RuntimeError):
-    """More members failed in one evaluation than the configured fraction allows."""
+from enkg_dist.evaluation import ForwardResult
+from enkg_dist.problems.base import safe_evaluate
 
 
 @dataclass
@@ -24,39 +21,6 @@ class Backend:
     close: Callable[[], None] = lambda: None
     stats: Callable[[], dict] = dict
     on_step: Callable[[int, float], None] = lambda i, seconds: None  # e.g. export metrics
-
-
-@dataclass
-class Evaluator:
-    """evaluate(x_hat) -> (psi, ok) for the sampler; counts runs, keeps failure reasons, enforces the failure cap."""
-
-    forward: Callable[..., ForwardResult]  # forward(x, on_result=None)
-    max_failed_fraction: float = 0.5
-    n_evals: int = 0
-    n_failed: int = 0
-    last: ForwardResult | None = None
-    failures: list[tuple[int, str]] = field(default_factory=list)
-
-    def __call__(self, x_hat: torch.Tensor):
-        """(psi, ok) as CPU tensors, whatever device the forward model or the particles use."""
-        res = self.evaluate(x_hat)
-        res = ForwardResult(res.psi.detach().cpu(), res.ok.cpu(), res.reasons)
-        J = x_hat.shape[0]
-        self.last = res
-        self.failures = [(j, r) for j, r in enumerate(res.reasons) if r is not None]
-        ok = res.ok & torch.isfinite(res.psi).all(dim=1)
-        failed = int((~ok).sum())
-        self.n_failed += failed
-        if failed > self.max_failed_fraction * J:
-            first = next((r for r in res.reasons if r), "non-finite output")
-            raise TooManyFailures(f"{failed} of {J} members failed (limit {self.max_failed_fraction:.0%}); "
-                                  f"first reason: {first}")
-        return res.psi, ok
-
-    def evaluate(self, x_hat: torch.Tensor) -> ForwardResult:
-        """All members' forward runs, counted in n_evals (a subclass may skip some or record them)."""
-        self.n_evals += x_hat.shape[0]
-        return self.forward(x_hat)
 
 
 def local_forward(G, batch_size: int = 0):

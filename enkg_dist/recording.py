@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from enkg_dist.backends import Evaluator
-from enkg_dist.problems.base import ForwardResult
+from enkg_dist.evaluation import Evaluator, ForwardResult
 
 
 @dataclass

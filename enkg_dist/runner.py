@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
 from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules
-from enkg_dist.backends import TooManyFailures, local_backend, ray_backend
+from enkg_dist.backends import local_backend, ray_backend
+from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
 from enkg_dist.plots import reconstruction_figure

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from enkg_dist import inflation, kalman, rng, schedules
+from enkg_dist.evaluation import Evaluate, take_in
 from enkg_dist.localisation import Localiser
 from enkg_dist.noise import NoiseCovariance
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-Evaluator = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 PREDICTORS = ("euler", "heun")
 
@@ -133,21 +133,9 @@ def initial_particles(seed: int, J: int, shape, sigma_max: float, dtype=torch.fl
     return rng.member_normal(seed, rng.INIT, range(J), shape, dtype=dtype) * sigma_max
 
 
-def _check_evaluation(psi: torch.Tensor, ok: torch.Tensor, J: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(psi, ok) on y's device and dtype, failed rows zeroed: outputs may come back on the CPU in float64 while the
-    particles live elsewhere (the one place the driver takes them in)."""
-    if psi.shape != (J, y.shape[0]):
-        raise ValueError(f"forward outputs have shape {tuple(psi.shape)}, expected ({J}, {y.shape[0]})")
-    psi = psi.to(device=y.device, dtype=y.dtype)
-    ok = torch.as_tensor(ok, dtype=torch.bool).reshape(-1).to(y.device) & torch.isfinite(psi).all(dim=1)
-    if ok.shape != (J,):
-        raise ValueError(f"ok mask has shape {tuple(ok.shape)}, expected ({J},)")
-    return torch.where(ok[:, None], psi, torch.zeros((), dtype=psi.dtype, device=psi.device)), ok
-
-
 def corrector(
     denoise: Denoiser,
-    evaluate: Evaluator,
+    evaluate: Evaluate,
     x: torch.Tensor,
     i: int,
     sigma: float,
@@ -169,7 +157,7 @@ def corrector(
             x_hat = denoise.x_hat_map(x, sigma, n_ode, cfg.sigma_min, cfg.rho)
         else:
             x_hat = x_hat_map(denoise, x, sigma, n_ode, cfg.sigma_min, cfg.rho)
-        psi, ok = _check_evaluation(*evaluate(x_hat), J, y)
+        psi, ok = take_in(*evaluate(x_hat), J, y)
         x, info = kalman.enkg_update(x, psi, y, Gamma, s_i, cfg.step_rule, cfg.guard, ok, localiser)
         ok_all &= ok
         if cfg.failure_policy == "resample" and not bool(ok.all()):
@@ -200,7 +188,7 @@ def enkg_step(denoise, evaluate, x, i, y, Gamma, cfg: EnKGConfig, seed: int = 0,
 
 def enkg_sample(
     denoise: Denoiser,
-    evaluate: Evaluator,
+    evaluate: Evaluate,
     x_T: torch.Tensor,
     y: torch.Tensor,
     Gamma: NoiseCovariance,
@@ -232,7 +220,7 @@ class _Stacked:
 
 
 def eki_step(
-    evaluate: Evaluator,
+    evaluate: Evaluate,
     x: torch.Tensor,
     n: int,
     y: torch.Tensor,
@@ -252,7 +240,7 @@ def eki_step(
     J = x.shape[0]
     if dt == "auto" and t_done >= 1.0:
         return x, kalman.UpdateInfo(0.0, 0.0, 0.0, 0.0, J, float("nan"), False)
-    psi, ok = _check_evaluation(*evaluate(x), J, y)
+    psi, ok = take_in(*evaluate(x), J, y)
     if dt == "auto":
         phi = 0.5 * Gamma.whiten(psi[ok] - y).pow(2).sum(1)
         dt = schedules.data_misfit_step(phi.cpu().numpy(), y.shape[0], t_done)
@@ -275,7 +263,7 @@ def eki_step(
 
 
 def eki(
-    evaluate: Evaluator,
+    evaluate: Evaluate,
     x0: torch.Tensor,
     y: torch.Tensor,
     Gamma: NoiseCovariance,

@@ -9,7 +9,7 @@ import pytest
 
 from enkg_dist import config as cfgmod
 from enkg_dist import plots, report, runner, table
-from enkg_dist.backends import TooManyFailures
+from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.store import FAILED, NOT_RUN, RunStore
 
 LG = "builtin:linear_gaussian_64"

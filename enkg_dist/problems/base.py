@@ -8,22 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from enkg_dist.evaluation import ForwardResult, judge
 from enkg_dist.noise import NoiseCovariance
 
-
-@dataclass
-class ForwardResult:
-    """psi (B, m); ok (B,) bool; reasons[b] says why member b failed (None when it succeeded)."""
-
-    psi: torch.Tensor
-    ok: torch.Tensor
-    reasons: list[str | None]
-
-    @classmethod
-    def from_outputs(cls, psi: torch.Tensor) -> ForwardResult:
-        """Marks rows with non-finite values as failed."""
-        ok = torch.isfinite(psi).all(dim=1)
-        return cls(psi, ok, [None if o else "non-finite forward output" for o in ok.tolist()])  # one device sync
+__all__ = ["ForwardModel", "ForwardResult", "InverseProblem", "safe_evaluate"]  # ForwardResult: evaluation's
 
 
 class ForwardModel(ABC):
@@ -78,10 +66,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def safe_evaluate(G: ForwardModel, x: torch.Tensor, members: Sequence[int] | None = None) -> ForwardResult:
-    """G(x) where an exception fails only the members that raise: the batch is retried member by member."""
+    """G(x), judged (evaluation.judge: non-finite outputs fail their members), where an exception fails only the
+    members that raise: the batch is retried member by member."""
     members = list(range(x.shape[0])) if members is None else list(members)
     try:
-        return G(x, members=members)
+        return judge(G(x, members=members))
     except Exception as e:  # the simulator is a black box: any exception is a failed member
         if x.shape[0] == 1:
             psi = torch.full((1, G.obs_size), float("nan"), dtype=x.dtype)

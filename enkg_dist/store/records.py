@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import zarr
 
+from enkg_dist.evaluation import finite_rows, judged
 from enkg_dist.store.layout import FAILED, NOT_RUN, OK, set_all, to_numpy
 
 
@@ -29,8 +30,9 @@ class MemberRecords:
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def record(self, step: int, k: int, members, psi, ok, reasons=None) -> None:
-        """Write several members' outputs of correction k now, one member block at a time. A member reported ok
-        with a non-finite output is recorded as failed, as the evaluator counts it."""
+        """Write several members' outputs of correction k now, one member block at a time, judged by the one rule
+        (evaluation.judged: a member reported ok with a non-finite output is recorded as failed, as the evaluator
+        counts it)."""
         self._check_writable(step)
         idx = np.asarray(members, dtype=np.int64).reshape(-1)
         if len(idx) == 0:
@@ -43,9 +45,7 @@ class MemberRecords:
                              f"{len(reasons)} reasons (obs size {self._psi.shape[-1]})")
         if idx.min() < 0 or idx.max() >= self.J:
             raise ValueError(f"run store: members outside 0..{self.J - 1}")
-        finite = np.isfinite(psi).all(axis=1)
-        reasons = [r or (None if f or not o else "non-finite forward output") for r, f, o in zip(reasons, finite, ok)]
-        ok = ok & finite
+        ok, reasons = judged(psi, ok, reasons)
         B = self._status.chunks[2]
         with self._lock:
             blocks = {int(b): np.flatnonzero(idx // B == b) for b in np.unique(idx // B)}
@@ -107,7 +107,7 @@ class MemberRecords:
                 continue
             for r in np.flatnonzero(status != NOT_RUN):
                 failed = status[r] == FAILED
-                if not failed and not np.isfinite(psi[r]).all():
-                    continue  # a marker without its output (never written in this order), not done
+                if not failed and not finite_rows(psi[r : r + 1])[0]:
+                    continue  # a marker without its output (NaN is the fill value; never written in this order)
                 out[b * B + int(r)] = (psi[r], not failed, (str(reason[r]) or None) if failed else None)
         return out

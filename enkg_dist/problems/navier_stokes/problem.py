@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from enkg_dist import rng
+from enkg_dist.evaluation import judge
 from enkg_dist.fields import GaussianField
 from enkg_dist.localisation import grid_geometry
 from enkg_dist.metrics import ensemble_metrics
@@ -82,9 +83,7 @@ class NavierStokesForward(ForwardModel):
         self.check_input(x)
         res = self.solve(x)
         psi = self.observe(res.omega).to(dtype=x.dtype, device=x.device)
-        ok = res.ok.to(x.device) & torch.isfinite(psi).all(dim=1)
-        reasons = [r if r is not None or o else "non-finite forward output" for r, o in zip(res.reasons, ok.tolist())]
-        return ForwardResult(psi, ok, reasons)
+        return judge(ForwardResult(psi, res.ok.to(x.device), res.reasons))
 
 
 def grf_vorticity(n: int, seed: int, alpha: float = 2.5, tau: float = 3.0, std: float = 5.0) -> torch.Tensor:
