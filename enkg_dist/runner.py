@@ -20,6 +20,7 @@ from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
 from enkg_dist.plots import reconstruction_figure
+from enkg_dist.priors import GaussianPrior, Prior
 from enkg_dist.problems.base import InverseProblem
 from enkg_dist.recording import RecordingEvaluator
 
@@ -29,7 +30,7 @@ class Built:
     """Everything a run needs, built from the config."""
 
     problem: InverseProblem
-    prior: object  # has denoise(x, sigma), state_shape; Gaussian priors also sample/whiten
+    prior: Prior  # the declared interface (priors.Prior); Gaussian priors are also priors.GaussianPrior
     posterior: object | None = None  # exact posterior where one exists
     observation_image: torch.Tensor | None = None
     localiser: object | None = None  # enkg_dist.localisation.Localiser of the method's settings, or None
@@ -177,7 +178,7 @@ def _build_external(p, pr, device: str = "cpu") -> Built:
     if p.observation is not None:
         y = _load_npy(p.observation, "observation").reshape(-1)
     else:  # synthetic twin: truth from the prior, y = G(truth) + noise
-        if truth is None and not hasattr(prior, "sample"):
+        if truth is None and not isinstance(prior, GaussianPrior):
             raise cfgmod.ConfigError("config error: problem.observation: a synthetic twin draws its truth from a "
                                      "Gaussian prior; with a learned prior give problem.observation or problem.truth")
         if truth is None:
@@ -349,8 +350,7 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool, r
 def hardware_of(cfg: cfgmod.RunConfig, built: Built, remote: bool = False) -> dict:
     """The hardware kinds whose round-off the result carries: the driver's (Kalman update) and the prior's."""
     driver = devices.hardware_kind(resolve_device(cfg.device))
-    device = getattr(built.prior, "device", None)
-    prior = devices.hardware_kind(device) if isinstance(device, torch.device) else "cpu"
+    prior = devices.hardware_kind(built.prior.device)
     if remote and cfg.prior.kind == "learned":
         prior = prior_device(cfg, remote=True)  # each actor's kind (GPU model not known to the driver)
     return {"driver": driver, "prior": prior}
@@ -508,58 +508,69 @@ def resume(run_dir: str | Path, progress: bool = True, address: str | None = Non
     return run(cfg, run_dir, progress, address)
 
 
-def _commit(store, evaluator, i: int, x: torch.Tensor, sigma: float, infos, t_step: float) -> None:
-    """Member records first, then the step (the store writes its commit marker last)."""
-    evaluator.wait_records()
-    store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
-                                            "weight": [u.weight for u in infos],
-                                            "timings": {"total": time.perf_counter() - t_step}}, copy=False)
-    interrupt.check()  # a step boundary: a safe point to stop
+class _StepHooks:
+    """What the run does around each step of the sampler's loop (sampler.enkg_sample / sampler.eki): before a step
+    the evaluator learns it (and replays the member outputs a previous process recorded); after it the member records
+    and the step are committed to the store (a step boundary: a safe point to stop on an interrupt), the backend
+    exports its metrics, and the progress bar moves."""
+
+    def __init__(self, store, evaluator, backend, bar):
+        self.store, self.evaluator, self.backend, self.bar = store, evaluator, backend, bar
+        self.t_run = self.t_step = time.perf_counter()
+
+    def before_step(self, i: int) -> None:
+        self.t_step = time.perf_counter()
+        self.evaluator.begin_step(i, skip_done=(i <= self.store.records_until))  # replayed from the records
+
+    def _commit(self, i: int, x: torch.Tensor, sigma: float, infos) -> None:
+        """Member records first, then the step (the store writes its commit marker last)."""
+        self.evaluator.wait_records()
+        self.store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
+                                                     "weight": [u.weight for u in infos],
+                                                     "timings": {"total": time.perf_counter() - self.t_step}},
+                               copy=False)
+        interrupt.check()  # a step boundary: a safe point to stop
+
+    def after_enkg_step(self, rec: sampler.StepRecord) -> None:
+        infos, ev = [c.info for c in rec.corrections], self.evaluator
+        self._commit(rec.i, rec.x, rec.sigma, infos)
+        self.backend.on_step(rec.i, time.perf_counter() - self.t_step)
+        rate = ev.n_evals / max(time.perf_counter() - self.t_run, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(evals=ev.n_evals, failed=ev.n_failed, evals_per_s=f"{rate:.3g}",
+                             misfit=f"{infos[-1].misfit:.3g}" if infos else "-")
+
+    def after_eki_iteration(self, n: int, x: torch.Tensor, info) -> None:
+        self._commit(n, x, float("nan"), [info])
+        self.bar.update(1)
+        self.bar.set_postfix(evals=self.evaluator.n_evals, misfit=f"{info.misfit:.3g}")
 
 
 def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
-    """The EnKG step loop from `start`, committing every step."""
+    """EnKG from step `start` by the sampler's own loop, committing every step through the hooks."""
     e, pb = cfg.enkg, built.problem
     scfg = e.sampler_config()
-    sigmas = scfg.sigmas()
     if x is None:
         x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
         x = x.to(device)
     with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
-        t_run = time.perf_counter()
-        for i in range(start, scfg.num_steps):
-            t_step = time.perf_counter()
-            evaluator.begin_step(i, skip_done=(i <= store.records_until))  # replayed from the records
-            rec = sampler.enkg_step(backend.denoise, evaluator, x, i, y, pb.Gamma, scfg, cfg.seed, sigmas,
-                                    built.localiser)
-            x = rec.x
-            infos = [c.info for c in rec.corrections]
-            _commit(store, evaluator, i, x, rec.sigma, infos, t_step)
-            backend.on_step(i, time.perf_counter() - t_step)
-            rate = evaluator.n_evals / max(time.perf_counter() - t_run, 1e-9)
-            bar.update(1)
-            bar.set_postfix(evals=evaluator.n_evals, failed=evaluator.n_failed, evals_per_s=f"{rate:.3g}",
-                            misfit=f"{infos[-1].misfit:.3g}" if infos else "-")
-    return x
+        hooks = _StepHooks(store, evaluator, backend, bar)
+        return sampler.enkg_sample(backend.denoise, evaluator, x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
+                                   start, built.localiser, before_step=hooks.before_step)
 
 
 def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
-    """Plain or Tikhonov EKI from a prior ensemble, committing every iteration."""
+    """Plain or Tikhonov EKI from a prior ensemble by the sampler's own loop, committing every iteration."""
     k, pb = cfg.eki, built.problem
+    prior: GaussianPrior = built.prior  # build() refuses EKI with a prior that is not Gaussian
     if x is None:
         z = rng.member_normal(cfg.seed, rng.INIT, range(k.ensemble_size), pb.forward.state_shape, dtype=dtype)
-        x = built.prior.sample(z.to(device))
-    tik = (built.prior.mean, built.prior.whiten) if k.tikhonov else None
+        x = prior.sample(z.to(device))
+    tik = (prior.mean, prior.whiten) if k.tikhonov else None
     # the data-misfit controller's clock: the steps taken so far (stored as each iteration's weight)
     t = float(np.nansum(store.read("weight")[:start, 0])) if start > 0 and k.dt == "auto" else 0.0
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
-        for n in range(start, k.iterations):
-            t_step = time.perf_counter()
-            evaluator.begin_step(n, skip_done=(n <= store.records_until))
-            x, info = sampler.eki_step(evaluator, x, n, y, pb.Gamma, k.dt, cfg.seed, k.stochastic, tik,
-                                       built.localiser, (k.inflation, k.inflation_factor), t)
-            t += info.weight
-            _commit(store, evaluator, n, x, float("nan"), [info], t_step)
-            bar.update(1)
-            bar.set_postfix(evals=evaluator.n_evals, misfit=f"{info.misfit:.3g}")
-    return x
+        hooks = _StepHooks(store, evaluator, backend, bar)
+        return sampler.eki(evaluator, x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik,
+                           hooks.after_eki_iteration, start, built.localiser, (k.inflation, k.inflation_factor), t,
+                           before_step=hooks.before_step)

@@ -128,13 +128,35 @@ def predictor(denoise: Denoiser, x: torch.Tensor, sigma: float, sigma_next: floa
     return step(denoise, x, sigma, sigma_next)
 
 
+class DenoiserMaps:
+    """The two computations of a step that need the prior: the x_hat0 map and the predictor.
+
+    This class runs them in this process through `denoise`. A prior that runs them where its model lives (a remote
+    prior: distributed.prior.RemotePrior) declares so by subclassing it; the sampler never probes a denoiser for
+    methods."""
+
+    def __init__(self, denoise: Denoiser):
+        self.denoise = denoise
+
+    def x_hat_map(self, x: torch.Tensor, sigma: float, n_ode: int, sigma_min: float, rho: float):
+        return x_hat_map(self.denoise, x, sigma, n_ode, sigma_min, rho)
+
+    def predict(self, x: torch.Tensor, sigma: float, sigma_next: float, method: str) -> torch.Tensor:
+        return predictor(self.denoise, x, sigma, sigma_next, method)
+
+
+def maps_of(denoise: Denoiser | DenoiserMaps) -> DenoiserMaps:
+    """A step's prior computations: `denoise` itself when it declares them (a DenoiserMaps), else in this process."""
+    return denoise if isinstance(denoise, DenoiserMaps) else DenoiserMaps(denoise)
+
+
 def initial_particles(seed: int, J: int, shape, sigma_max: float, dtype=torch.float64) -> torch.Tensor:
     """x_j ~ N(0, sigma_max^2 I), member j from its own stream."""
     return rng.member_normal(seed, rng.INIT, range(J), shape, dtype=dtype) * sigma_max
 
 
 def corrector(
-    denoise: Denoiser,
+    denoise: Denoiser | DenoiserMaps,
     evaluate: Evaluate,
     x: torch.Tensor,
     i: int,
@@ -147,16 +169,13 @@ def corrector(
 ) -> tuple[torch.Tensor, list[Correction]]:
     """K guided updates at noise level sigma_i (EnKG eq. 10): x_hat0 map, forward runs, Kalman step (localised when
     a localiser is given), failure policy; then the spread control against the spread before the K updates."""
-    J = x.shape[0]
+    J, maps = x.shape[0], maps_of(denoise)
     x_before, ok_all = x, torch.ones(J, dtype=torch.bool, device=x.device)
     n_ode = schedules.inner_ode_steps(i, cfg.num_steps, cfg.ode_divisor, cfg.ode_max_steps)
     s_i = schedules.guidance_scale(i, cfg.num_steps, cfg.scale, cfg.lr_min_ratio)
     out = []
     for k in range(cfg.num_corrections):
-        if hasattr(denoise, "x_hat_map"):  # a remote prior runs the whole inner ODE where the model lives
-            x_hat = denoise.x_hat_map(x, sigma, n_ode, cfg.sigma_min, cfg.rho)
-        else:
-            x_hat = x_hat_map(denoise, x, sigma, n_ode, cfg.sigma_min, cfg.rho)
+        x_hat = maps.x_hat_map(x, sigma, n_ode, cfg.sigma_min, cfg.rho)  # a remote prior: on its actors
         psi, ok = take_in(*evaluate(x_hat), J, y)
         x, info = kalman.enkg_update(x, psi, y, Gamma, s_i, cfg.step_rule, cfg.guard, ok, localiser)
         ok_all &= ok
@@ -173,21 +192,20 @@ def corrector(
 
 def enkg_step(denoise, evaluate, x, i, y, Gamma, cfg: EnKGConfig, seed: int = 0, sigmas=None,
               localiser: Localiser | None = None) -> StepRecord:
-    """Step i of EnKG: corrector inside the guidance window, then the predictor to sigma_{i+1}."""
+    """Step i of EnKG: corrector inside the guidance window, then the predictor to sigma_{i+1}. `denoise`: a
+    denoiser, or a DenoiserMaps that runs the x_hat0 map and the predictor itself."""
     sigmas = cfg.sigmas() if sigmas is None else sigmas
+    maps = maps_of(denoise)
     sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
     corrections = []
     if cfg.guided(i) and cfg.num_corrections > 0:
-        x, corrections = corrector(denoise, evaluate, x, i, sigma, y, Gamma, cfg, seed, localiser)
-    if hasattr(denoise, "predict"):
-        x = denoise.predict(x, sigma, sigma_next, cfg.predictor)
-    else:
-        x = predictor(denoise, x, sigma, sigma_next, cfg.predictor)
+        x, corrections = corrector(maps, evaluate, x, i, sigma, y, Gamma, cfg, seed, localiser)
+    x = maps.predict(x, sigma, sigma_next, cfg.predictor)
     return StepRecord(i, sigma, sigma_next, x, corrections)
 
 
 def enkg_sample(
-    denoise: Denoiser,
+    denoise: Denoiser | DenoiserMaps,
     evaluate: Evaluate,
     x_T: torch.Tensor,
     y: torch.Tensor,
@@ -197,12 +215,19 @@ def enkg_sample(
     callback: Callable[[StepRecord], None] | None = None,
     start: int = 0,
     localiser: Localiser | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Run EnKG from step `start` (x_T are the particles at sigma_start) to sigma = 0; returns the J particles."""
-    sigmas = cfg.sigmas()
+    """Run EnKG from step `start` (x_T are the particles at sigma_start) to sigma = 0; returns the J particles.
+
+    The hooks are where a runner joins the loop: `before_step(i)` before step i (e.g. the evaluator learns the step,
+    to record and replay member outputs), `callback(record)` after it (commit to a store, progress, a clean stop at
+    the step boundary by raising)."""
+    sigmas, maps = cfg.sigmas(), maps_of(denoise)
     x = x_T
     for i in range(start, cfg.num_steps):
-        rec = enkg_step(denoise, evaluate, x, i, y, Gamma, cfg, seed, sigmas, localiser)
+        if before_step is not None:
+            before_step(i)
+        rec = enkg_step(maps, evaluate, x, i, y, Gamma, cfg, seed, sigmas, localiser)
         x = rec.x
         if callback is not None:
             callback(rec)
@@ -276,16 +301,22 @@ def eki(
     start: int = 0,
     localiser: Localiser | None = None,
     spread: tuple[str, float] = ("none", 1.0),
+    t_done: float = 0.0,
+    before_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Ensemble Kalman inversion from the ensemble x0 (at iteration `start`), Iglesias, Law, Stuart 2013.
 
     With `tikhonov=(m0, prior_whiten)` it is Tikhonov-EKI (Chada, Stuart, Tong 2020): G is stacked with the identity
     and y with m0, whitened by C0^{-1/2}, so the mean converges to the minimiser of |G x - y|^2_Gamma + |x - m0|^2_C0,
     the posterior mean of a linear-Gaussian problem. `stochastic` perturbs y by N(0, Gamma/dt) per member. dt="auto"
-    chooses each step by the data-misfit controller (restarting at `start` assumes no steps were taken before).
+    chooses each step by the data-misfit controller, whose clock starts at `t_done` (the steps taken before `start`:
+    a resumed run restores it from the stored step weights). Hooks as in `enkg_sample`: `before_step(n)`, then
+    `callback(n, x, info)` after iteration n.
     """
-    x, t = x0, 0.0
+    x, t = x0, t_done
     for n in range(start, n_iter):
+        if before_step is not None:
+            before_step(n)
         x, info = eki_step(evaluate, x, n, y, Gamma, dt, seed, stochastic, tikhonov, localiser, spread, t)
         t += info.weight
         if callback is not None:

@@ -15,10 +15,12 @@ import torch
 
 from enkg_dist import sampler
 from enkg_dist.devices import actor_device, member_chunks, repeatable
+from enkg_dist.priors import Prior
 
 
-def _build(spec):
-    return spec() if callable(spec) and not hasattr(spec, "denoise") else spec
+def _build(spec) -> Prior:
+    """The prior, or a zero-argument factory that builds one (for priors that cannot be pickled)."""
+    return spec if isinstance(spec, Prior) else spec()
 
 
 class PriorWorker:
@@ -28,8 +30,7 @@ class PriorWorker:
         self.prior = _build(spec)
         self.device = actor_device(device, has_gpu=bool(ray.get_gpu_ids()) if ray.is_initialized() else False)
         repeatable(self.device)
-        if hasattr(self.prior, "to"):
-            self.prior = self.prior.to(self.device)
+        self.prior = self.prior.to(self.device)
 
     def where(self) -> str:
         """The device this actor's prior runs on."""
@@ -51,12 +52,14 @@ class PriorWorker:
 RemotePriorWorker = ray.remote(PriorWorker)
 
 
-class RemotePrior:
-    """A denoiser whose work is split over prior actors in shards of whole global batches (member order kept)."""
+class RemotePrior(sampler.DenoiserMaps):
+    """A denoiser whose work is split over prior actors in shards of whole global batches (member order kept); as a
+    sampler.DenoiserMaps it runs a step's x_hat0 map and predictor on the actors, where the model lives."""
 
-    def __init__(self, spec, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
+    def __init__(self, spec: Prior, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
                  device: str = "auto"):
-        self.max_batch = getattr(spec, "max_batch", None)
+        super().__init__(self.__call__)
+        self.max_batch = spec.max_batch if isinstance(spec, Prior) else None  # a factory: one batch
         self._spec = ray.put(spec)  # kept referenced: a restarted actor (after a node loss) is built from it again
         self.actors = [RemotePriorWorker.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3,
                                                  max_task_retries=3).remote(self._spec, device)
