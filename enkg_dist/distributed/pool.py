@@ -21,6 +21,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from enkg_dist.distributed.metrics import pool_metrics
+from enkg_dist.distributed.traffic import DRIVER, nbytes
 from enkg_dist.distributed.workers import RemoteSimulatorWorker
 from enkg_dist.problems.base import ForwardResult
 
@@ -205,6 +206,7 @@ class _Dispatch:
     def submit(self, task: _Task, w: int) -> None:
         actor = self.pool.workers[w]
         ref = actor.evaluate.remote(task.members, task.x)
+        DRIVER.sent += nbytes(task.x)
         lane = self.lanes[w]
         # a queued task's clock starts when the one ahead of it finishes
         self.inflight[ref] = [task, w, actor, time.monotonic() if not lane else float("inf")]
@@ -240,6 +242,7 @@ class _Dispatch:
             self.inflight[lane[0]][3] = time.monotonic()
         try:
             _, p, o, r = ray.get(ref)
+            DRIVER.received += nbytes(p, o)
         except WORKER_LOST as e:
             self.replace(w, actor, kill=False)
             if task.id in self.done or self.running(task):

@@ -15,6 +15,7 @@ import torch
 
 from enkg_dist import sampler
 from enkg_dist.devices import actor_device, member_chunks, repeatable
+from enkg_dist.distributed.traffic import DRIVER, nbytes
 from enkg_dist.priors import Prior
 
 
@@ -68,8 +69,12 @@ class RemotePrior(sampler.DenoiserMaps):
     def _map(self, method: str, x: torch.Tensor, *args) -> torch.Tensor:
         xn = x.detach().cpu().numpy()
         shards = [c for c in member_chunks(xn.shape[0], self.max_batch, len(self.actors))]
-        refs = [getattr(a, method).remote(xn[c[0][0] : c[-1][1]], *args) for a, c in zip(self.actors, shards) if c]
-        return torch.from_numpy(np.concatenate(ray.get(refs))).to(x.device)
+        parts = [xn[c[0][0] : c[-1][1]] for c in shards if c]
+        refs = [getattr(a, method).remote(part, *args) for a, part in zip(self.actors, parts)]
+        out = ray.get(refs)
+        DRIVER.sent += nbytes(*parts)
+        DRIVER.received += nbytes(*out)
+        return torch.from_numpy(np.concatenate(out)).to(x.device)
 
     def devices(self) -> list[str]:
         """Where each actor's prior runs."""
