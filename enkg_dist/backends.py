@@ -60,7 +60,7 @@ def ray_backend(prior, problem, ex, address: str | None, prior_device: str = "au
 
     cluster.connect(address or ex.address, num_cpus=ex.num_cpus, dashboard=ex.dashboard)
     remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1,
-                               device=prior_device)
+                               device=prior_device, keep_x_hat=True)  # x_hat0 goes to the workers by reference
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
         resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,

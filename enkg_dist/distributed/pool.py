@@ -20,6 +20,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
 
+from enkg_dist.distributed.ensemble import RemoteEnsemble
 from enkg_dist.distributed.metrics import pool_metrics
 from enkg_dist.distributed.traffic import DRIVER, nbytes
 from enkg_dist.distributed.workers import RemoteSimulatorWorker
@@ -48,9 +49,10 @@ class PoolOptions:
 class _Task:
     id: int
     members: list[int]
-    x: np.ndarray  # the members' rows (Ray passes large ones through the object store)
+    x: np.ndarray | None  # the members' rows (Ray passes large ones through the object store); None: by reference
     attempts: int = 0
     copies: int = 0  # straggler duplicates started
+    generation: int = 0  # of the source's shards when last submitted (rows by reference)
 
 
 @dataclass
@@ -129,16 +131,20 @@ class WorkerPool:
             ray.kill(a, no_restart=True)
         self.workers = []
 
-    def evaluate(self, x: torch.Tensor, on_result=None) -> ForwardResult:
-        """Forward runs for every row of x; the result of each row is independent of sharding and order.
+    def evaluate(self, x: torch.Tensor | RemoteEnsemble, on_result=None) -> ForwardResult:
+        """Forward runs for every row of x; the result of each row is independent of sharding and order. A
+        RemoteEnsemble (x_hat0 left with the prior actors) is fetched by the workers themselves, by reference.
 
         `on_result(rows, psi, ok, reasons)` is called as each task's results arrive (rows index x)."""
-        xn = x.detach().cpu().numpy()
-        J, bs = xn.shape[0], self.batch_size(xn.shape[0])
+        remote = isinstance(x, RemoteEnsemble)
+        xn = None if remote else x.detach().cpu().numpy()
+        J = x.shape[0]
+        bs = self.batch_size(J)
         self.stats.batch_sizes.append(bs)
         ids = list(range(J))
-        d = _Dispatch(self, deque(_Task(t, ids[s : s + bs], xn[s : s + bs]) for t, s in enumerate(range(0, J, bs))),
-                      J, xn.dtype, on_result)
+        d = _Dispatch(self, deque(_Task(t, ids[s : s + bs], None if remote else xn[s : s + bs])
+                                  for t, s in enumerate(range(0, J, bs))),
+                      J, x.np_dtype if remote else xn.dtype, on_result, x if remote else None)
         d.run()
         self._account(d.ok)
         return ForwardResult(torch.from_numpy(d.psi), torch.from_numpy(d.ok), d.reasons)
@@ -179,8 +185,10 @@ class WorkerPool:
 class _Dispatch:
     """The state of one `evaluate` call: task queue, per-worker in-flight lists, results."""
 
-    def __init__(self, pool: WorkerPool, queue: deque, J: int, dtype, on_result=None):
+    def __init__(self, pool: WorkerPool, queue: deque, J: int, dtype, on_result=None,
+                 source: RemoteEnsemble | None = None):
         self.pool, self.o, self.queue, self.on_result = pool, pool.options, queue, on_result
+        self.source = source  # the rows by reference, when the tasks carry none
         self.psi = np.full((J, pool.obs_size), np.nan, dtype=dtype)
         self.ok = np.zeros(J, dtype=bool)
         self.reasons: list[str | None] = [None] * J
@@ -200,13 +208,30 @@ class _Dispatch:
     def fail(self, task: _Task, why: str) -> None:
         self.finish(task, np.nan, False, [why] * len(task.members))
 
+    def rows_lost(self, task: _Task, why: str) -> None:
+        """A task's rows were lost from the object store: the source computes them again (the same values) and the
+        task goes back to the queue, counted as an attempt; past max_retries, or without a way to recompute, its
+        members fail."""
+        task.attempts += 1
+        self.pool.stats.redispatched += 1
+        if self.running(task):
+            return  # a straggler copy may still get its rows
+        if task.attempts > self.o.max_retries or not self.source.refresh(task.generation):
+            self.fail(task, why)
+        else:
+            self.queue.appendleft(task)
+
     def running(self, task: _Task) -> bool:
         return any(v[0].id == task.id for v in self.inflight.values())
 
     def submit(self, task: _Task, w: int) -> None:
         actor = self.pool.workers[w]
-        ref = actor.evaluate.remote(task.members, task.x)
-        DRIVER.sent += nbytes(task.x)
+        if task.x is None:
+            task.generation = self.source.generation
+            ref = actor.evaluate_rows.remote(task.members, *self.source.parts(task.members))
+        else:
+            ref = actor.evaluate.remote(task.members, task.x)
+            DRIVER.sent += nbytes(task.x)
         lane = self.lanes[w]
         # a queued task's clock starts when the one ahead of it finishes
         self.inflight[ref] = [task, w, actor, time.monotonic() if not lane else float("inf")]
@@ -255,6 +280,9 @@ class _Dispatch:
                 self.queue.appendleft(task)
             return
         if task.id in self.done:
+            return
+        if p is None:  # the worker could not fetch its rows: compute x_hat0 again, run the task again
+            self.rows_lost(task, r)
             return
         seconds = time.monotonic() - t0
         self.pool.stats.task_seconds.append(seconds)

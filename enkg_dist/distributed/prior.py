@@ -4,7 +4,8 @@ predictor for shards of the ensemble; `RemotePrior` makes them look like a local
 The driver sends the prior with its weights on the CPU; each actor moves it to its own device (`prior.device`
 resolved against the GPUs Ray gave that actor, never against the driver's hardware). Members are batched by global
 index (`devices.member_chunks`), so a member's network batch, and hence its bits, do not depend on the number of
-actors.
+actors. With `keep_x_hat` (the Ray backend), x_hat0 stays in the object store as a `RemoteEnsemble` that simulator
+workers fetch by reference: the driver sends the particles and gets back only the forward outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from enkg_dist import sampler
 from enkg_dist.devices import actor_device, member_chunks, repeatable
+from enkg_dist.distributed.ensemble import RemoteEnsemble, Shards
 from enkg_dist.distributed.traffic import DRIVER, nbytes
 from enkg_dist.priors import Prior
 
@@ -49,6 +51,13 @@ class PriorWorker:
     def predict(self, x: np.ndarray, sigma: float, sigma_next: float, method: str) -> np.ndarray:
         return sampler.predictor(self.prior.denoise, self._t(x), sigma, sigma_next, method).cpu().numpy()
 
+    @ray.method(num_returns=2)
+    def x_hat_map_kept(self, x: np.ndarray, sigma: float, n_ode: int, sigma_min: float, rho: float):
+        """x_hat_map as two objects, its shape and the array: the driver fetches the shape only (waiting for the map
+        and seeing its errors), the array stays in the object store for the simulator workers."""
+        out = self.x_hat_map(x, sigma, n_ode, sigma_min, rho)
+        return out.shape, out
+
 
 RemotePriorWorker = ray.remote(PriorWorker)
 
@@ -58,23 +67,38 @@ class RemotePrior(sampler.DenoiserMaps):
     sampler.DenoiserMaps it runs a step's x_hat0 map and predictor on the actors, where the model lives."""
 
     def __init__(self, spec: Prior, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
-                 device: str = "auto"):
+                 device: str = "auto", keep_x_hat: bool = False):
         super().__init__(self.__call__)
+        # x_hat0 stays in the object store (a RemoteEnsemble) for simulator workers that fetch it by reference
+        # (distributed.pool.WorkerPool); otherwise it comes back as a tensor
+        self.keep_x_hat = keep_x_hat
         self.max_batch = spec.max_batch if isinstance(spec, Prior) else None  # a factory: one batch
         self._spec = ray.put(spec)  # kept referenced: a restarted actor (after a node loss) is built from it again
         self.actors = [RemotePriorWorker.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3,
                                                  max_task_retries=3).remote(self._spec, device)
                        for _ in range(num_actors)]
 
+    def _shards(self, J: int) -> list[tuple[object, int, int]]:
+        """(actor, start, stop) of each non-empty shard of J members: whole global batches, in member order."""
+        return [(a, c[0][0], c[-1][1]) for a, c in zip(self.actors, member_chunks(J, self.max_batch, len(self.actors)))
+                if c]
+
     def _map(self, method: str, x: torch.Tensor, *args) -> torch.Tensor:
         xn = x.detach().cpu().numpy()
-        shards = [c for c in member_chunks(xn.shape[0], self.max_batch, len(self.actors))]
-        parts = [xn[c[0][0] : c[-1][1]] for c in shards if c]
-        refs = [getattr(a, method).remote(part, *args) for a, part in zip(self.actors, parts)]
+        shards = self._shards(xn.shape[0])
+        refs = [getattr(a, method).remote(xn[s:e], *args) for a, s, e in shards]
         out = ray.get(refs)
-        DRIVER.sent += nbytes(*parts)
+        DRIVER.sent += nbytes(*(xn[s:e] for _, s, e in shards))
         DRIVER.received += nbytes(*out)
         return torch.from_numpy(np.concatenate(out)).to(x.device)
+
+    def _map_kept(self, xn: np.ndarray, *args) -> Shards:
+        """x_hat_map on the actors, its shards left in the object store."""
+        shards = self._shards(xn.shape[0])
+        pairs = [a.x_hat_map_kept.remote(xn[s:e], *args) for a, s, e in shards]
+        ray.get([shape for shape, _ in pairs])  # waits for the maps and raises their errors, fetching no array
+        DRIVER.sent += nbytes(*(xn[s:e] for _, s, e in shards))
+        return [(arr, s, e) for (_, arr), (_, s, e) in zip(pairs, shards)]
 
     def devices(self) -> list[str]:
         """Where each actor's prior runs."""
@@ -84,7 +108,11 @@ class RemotePrior(sampler.DenoiserMaps):
         return self._map("denoise", x, float(sigma))
 
     def x_hat_map(self, x, sigma, n_ode, sigma_min, rho):
-        return self._map("x_hat_map", x, float(sigma), int(n_ode), float(sigma_min), float(rho))
+        args = (float(sigma), int(n_ode), float(sigma_min), float(rho))
+        if not self.keep_x_hat:
+            return self._map("x_hat_map", x, *args)
+        xn = x.detach().cpu().numpy()
+        return RemoteEnsemble(self._map_kept(xn, *args), xn.shape, xn.dtype, lambda: self._map_kept(xn, *args))
 
     def predict(self, x, sigma, sigma_next, method):
         return self._map("predict", x, float(sigma), float(sigma_next), method)

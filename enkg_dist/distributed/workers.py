@@ -8,6 +8,7 @@ import numpy as np
 import ray
 import torch
 
+from enkg_dist.distributed.ensemble import gather
 from enkg_dist.problems.base import ForwardModel, safe_evaluate
 
 
@@ -39,6 +40,16 @@ class SimulatorWorker:
         """G on each row; an exception fails only the members that raise."""
         res = safe_evaluate(self.G, torch.from_numpy(np.array(x)), members)  # copy: object-store arrays are read-only
         return members, res.psi.numpy(), res.ok.numpy(), list(res.reasons)
+
+    def evaluate_rows(self, members: list[int], refs: list, picks: list[tuple[int, int]]):
+        """`evaluate` on rows this worker fetches itself from shard objects (ensemble.RemoteEnsemble.parts). When a
+        shard cannot be had (lost with its node, not rebuilt) it returns no outputs and the reason, for the driver
+        to compute the shards again."""
+        try:
+            arrays = ray.get(refs)
+        except ray.exceptions.RayError as e:  # ObjectLostError and its kin, or the prior's own failure
+            return members, None, None, f"x_hat0 lost ({type(e).__name__})"
+        return self.evaluate(members, gather(arrays, picks))
 
 
 RemoteSimulatorWorker = ray.remote(SimulatorWorker)

@@ -194,3 +194,48 @@ def test_auto_batched_pool_equals_the_unbatched_result():
         assert 1 <= pool.stats.batch_sizes[1] <= 10
     finally:
         pool.shutdown()
+
+
+@ray.remote
+def _lost_shard():
+    raise RuntimeError("this shard's node is gone")
+
+
+def test_x_hat0_by_reference_reaches_the_workers_without_the_driver():
+    """The prior actors keep x_hat0 (a RemoteEnsemble); the workers fetch their rows: the same outputs as from the
+    tensor, on any subset of members, and the driver carries no state array. A lost shard is computed again."""
+    import numpy as np
+
+    from enkg_dist import sampler
+    from enkg_dist.distributed.ensemble import RemoteEnsemble
+    from enkg_dist.distributed.prior import RemotePrior
+    from enkg_dist.distributed.traffic import DRIVER
+    from enkg_dist.priors.learned import LearnedPrior
+
+    prior = LearnedPrior.from_checkpoint("builtin:ns32", device="cpu", max_batch=3)
+    remote = RemotePrior(prior, num_actors=2, num_cpus=0, keep_x_hat=True)
+    G = SubsampleBlur(32, 4)
+    pool = WorkerPool(G, G.obs_size, PoolOptions(num_workers=2, batch_size=2))
+    try:
+        x = torch.randn(7, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        want = sampler.x_hat_map(prior.denoise, x, 0.7, 2, 0.002, 7.0)
+        ens = remote.x_hat_map(x, 0.7, 2, 0.002, 7.0)
+        assert isinstance(ens, RemoteEnsemble) and ens.shape == x.shape and ens.dtype == x.dtype
+        assert torch.equal(ens.fetch(), want)
+        DRIVER.reset()
+        some = np.array([0, 2, 3, 6])  # a resume's members still to run
+        res = pool.evaluate(ens[some])
+        assert torch.equal(res.psi, G(want[some]).psi) and bool(res.ok.all())
+        assert DRIVER.sent == 0 and DRIVER.received == res.psi.numel() * 8 + len(some)  # outputs and ok flags only
+
+        good = want.numpy()
+        lost = RemoteEnsemble([(_lost_shard.remote(), 0, 7)], good.shape, good.dtype,
+                              lambda: [(ray.put(good[:4]), 0, 4), (ray.put(good[4:]), 4, 7)])
+        res = pool.evaluate(lost)
+        assert torch.equal(res.psi, G(want).psi) and lost.generation == 1  # refreshed once, not per task
+        gone = RemoteEnsemble([(_lost_shard.remote(), 0, 7)], good.shape, good.dtype)  # no way to recompute
+        res = pool.evaluate(gone)
+        assert not bool(res.ok.any()) and all(r.startswith("x_hat0 lost") for r in res.reasons)
+    finally:
+        pool.shutdown()
+        remote.shutdown()
