@@ -1,4 +1,5 @@
-"""Shared fixtures: float64 by default, deterministic, two threads."""
+"""Shared fixtures: float64 by default, deterministic, two threads. Tests that start a subprocess or use Ray count as
+slow, so that `make check` (-m "not slow and not cluster") runs in-process tests only."""
 
 import pytest
 import torch
@@ -10,3 +11,13 @@ torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared
 def gen():
     """A seeded torch generator for test data."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """A test on the Ray session is marked ray; a ray, subprocess or mpi test is also slow (before -m selects)."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if any(item.get_closest_marker(m) for m in ("ray", "subprocess", "mpi")):
+            item.add_marker(pytest.mark.slow)

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test here starts one (counted as slow)
+
 SMALL = ["--set", "problem.n=16", "--set", "enkg.ensemble_size=16", "--set", "enkg.num_steps=20"]
 LG = "builtin:linear_gaussian_64"
 

@@ -14,6 +14,8 @@ from enkg_dist import config as cfgmod
 from enkg_dist import runner
 from enkg_dist.store import RunStore, committed_step_of, verify_store
 
+pytestmark = pytest.mark.subprocess  # every test here starts one (counted as slow)
+
 JOB = ("name: enospc\nseed: 2\nproblem: {n: 16, k: 2}\nenkg: {ensemble_size: 8, num_steps: 12}\n"
        "store: {full_every: 1}\n")
 

@@ -44,6 +44,7 @@ def reference(tmp_path_factory):
     return torch.load(out / "ensemble.pt")["particles"], evaluations(log)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_stops_cleanly_and_resume_gives_the_uninterrupted_ensemble(tmp_path, reference, sig):
     ref, n_ref = reference
@@ -101,3 +102,37 @@ def test_a_stop_between_results_raises_after_the_result_is_handed_on():
     with interrupt.stop_on_signals(), pytest.raises(interrupt.Interrupted, match="SIGINT"):
         interrupt.checked(forward)(None, on_result=seen.append)
     assert seen == [0, 1]
+
+
+def test_a_stop_in_this_process_and_an_in_process_resume_give_the_uninterrupted_ensemble(tmp_path, reference):
+    """The runner's hooks in the sampler's loop, without a subprocess (so `make check` keeps a resume bit-identity
+    check): SIGTERM once step 3 is committed stops the run at a step boundary; the resume replays the recorded
+    members and ends with the uninterrupted ensemble."""
+    import threading
+
+    ref, n_ref = reference
+    log, run_dir = tmp_path / "a.log", tmp_path / "a"
+    cfg = cfgmod.load_config(job(tmp_path, log))
+
+    ended = threading.Event()
+
+    def stop_after_step_3():
+        while committed_step_of(run_dir / "store.zarr") < 3 and not ended.is_set():
+            time.sleep(0.005)
+        if not ended.is_set():  # never after the handler is gone (that SIGTERM would end pytest)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=stop_after_step_3, daemon=True)
+    with interrupt.stop_on_signals():
+        watcher.start()
+        try:
+            with pytest.raises(interrupt.Interrupted) as stopped:
+                runner.run(cfg, run_dir, progress=False)
+        finally:
+            ended.set()
+            watcher.join()
+    assert 4 <= stopped.value.step < 12
+    out, metrics = runner.resume(run_dir, progress=False)
+    assert metrics["resumed_from_step"] == stopped.value.step - 1
+    assert torch.equal(torch.load(out / "ensemble.pt")["particles"], ref)
+    assert evaluations(log) == n_ref  # the members recorded before the stop were replayed, none ran twice

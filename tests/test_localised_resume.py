@@ -6,11 +6,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
 from enkg_dist.store import committed_step_of
+
+pytestmark = pytest.mark.subprocess  # every test here starts one (counted as slow)
 
 JOB = ("name: localised-resume\nseed: 5\nproblem: {n: 16, k: 2}\n"
        "enkg: {ensemble_size: 8, num_steps: 12, guard: 2.0, inflation: rtps, inflation_factor: 0.5,\n"

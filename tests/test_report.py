@@ -191,6 +191,7 @@ def test_stopped_run(tmp_path):
         assert report.summary(out)["state"] == "finished"
 
 
+@pytest.mark.subprocess
 def test_calibration_and_references_come_from_the_run_directory(finished):
     """Spread-skill, CRPS and the rank histogram at the last step are metrics.json's (same module, same ensemble);
     the truth is the one the runner stored; the report never imports the runner or runs a simulator."""

@@ -47,6 +47,7 @@ def reference(tmp_path: Path) -> tuple[torch.Tensor, int]:
     return torch.load(out / "ensemble.pt")["particles"], len(log.read_text().split())
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("store, damage", [("{}", None), ("{full_every: 20, checkpoint_every: 4}", None),
                                            ("{}", "delete"), pytest.param("{}", "truncate", marks=pytest.mark.slow)])
 def test_kill_after_a_committed_step_then_resume(tmp_path, store, damage):
@@ -103,6 +104,7 @@ def test_a_store_kept_outside_the_run_directory_is_resumed(tmp_path):
         runner.resume(tmp_path / "elsewhere", progress=False)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["{}", "{full_every: 6, checkpoint_every: 4}"])
 def test_many_random_kills_give_the_uninterrupted_ensemble(tmp_path, store):

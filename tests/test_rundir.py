@@ -53,6 +53,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.subprocess
 def test_a_second_driver_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
@@ -167,6 +168,7 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", str(d)], check=False)
 
 
+@pytest.mark.subprocess
 def test_read_only_run_dir_and_output_dir(read_only_dir):
     sets = sum((["--set", s] for s in TINY), [])
     line = one_line_error(cli("run", LG, *sets, "--run-dir", read_only_dir, "--no-progress"))

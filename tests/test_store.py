@@ -216,6 +216,7 @@ store.close()
 """
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("full_every", [1, 3])
 def test_sigkill_at_random_moments(tmp_path, full_every):
     rnd, delays, reached = random.Random(), [], []

@@ -21,6 +21,8 @@ LG = "builtin:linear_gaussian_64"
 SMALL = ["name=creation", "problem.n=16", "enkg.ensemble_size=8", "enkg.num_steps=6", "store.full_every=2"]
 POINTS = ["root", "arrays-made", "recovery", "marker", "renamed"]
 
+pytestmark = pytest.mark.subprocess  # every test here starts one (counted as slow)
+
 CHILD = r"""
 import os, signal, sys
 from enkg_dist import config as cfgmod, runner

@@ -15,6 +15,8 @@ import torch
 from enkg_dist.problems import example_program as ex
 from enkg_dist.problems.external import ExternalProgramForward, example_forward
 
+pytestmark = pytest.mark.subprocess  # every test here starts one (counted as slow)
+
 N, K, STEPS = 8, 2, 3
 M = (N // K) ** 2
 EXAMPLE = [sys.executable, "-m", "enkg_dist.problems.example_program", "{input}", "{output}",
