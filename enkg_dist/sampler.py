@@ -1,7 +1,9 @@
 """The EnKG predictor-corrector loop and plain EKI, as functions of their collaborators (EnKG Algorithm 1).
 
-`denoise(x, sigma) -> E[x0 | x_sigma]` and `evaluate(x_hat) -> (psi, ok)` are arguments, so the same loop runs
-in-process in a test and on a Ray cluster. Randomness comes only from per-member streams (`enkg_dist.rng`).
+`denoise(x, sigma) -> E[x0 | x_sigma]` (or a `DenoiserMaps` that runs the x_hat0 map and the predictor where its
+model lives) and `evaluate(x_hat) -> (psi, ok)` are arguments, so the same loop runs in-process in a test and on a
+Ray cluster. This is the only loop: the runner joins it through the hooks (`before_step`, `callback`). Randomness
+comes only from per-member streams (`enkg_dist.rng`).
 """
 
 from __future__ import annotations
