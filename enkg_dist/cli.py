@@ -107,15 +107,65 @@ def resume_cmd(
                                            "(started afresh: nothing had been committed)"))
 
 
+@app.command("sweep")
+def sweep_cmd(
+    study_file: Path = typer.Argument(..., help="study YAML: job, set, grid (key: [values]), study_dir, parallel"),
+    study_dir: Optional[Path] = typer.Option(None, "--study-dir", help="instead of the study's study_dir"),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, help="points at once, each in its own "
+                                           "process (default: the study's parallel, 1: one after another here)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="run the failed points again (resumed)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the points, their run directories and budgets"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    address: Optional[str] = typer.Option(None, "--address", help="run every point on this Ray cluster"),
+    only: Optional[str] = typer.Option(None, "--only", hidden=True, help="one point (a parallel sweep's process)"),
+):
+    """Run a study: a base job and a grid of settings, each point a resumable run directory; a table and figures."""
+    from enkg_dist import runner, sweep
+
+    try:
+        study = sweep.load_study(study_file, study_dir)
+    except cfgmod.ConfigError as e:
+        _fail(str(e))
+    if dry_run:
+        for p in study.points:
+            typer.echo(f"{study.dir / p.name}  {sweep.point_status(study.dir / p.name)}  "
+                       f"{' '.join(f'{k}={v}' for k, v in p.settings.items())}  "
+                       f"{json.dumps(runner.forward_budget(p.cfg))}")
+        return
+    try:
+        with interrupt.stop_on_signals():
+            rows = sweep.run_study(study, progress=progress, address=address, retry_failed=retry_failed,
+                                   parallel=parallel, only=only, echo=typer.echo)
+    except interrupt.Interrupted as e:
+        where = f" in {e.run_dir} at step {e.step}" if e.run_dir is not None else ""
+        typer.echo(f"interrupted by {e.signame}{where}; continue with: enkg-dist sweep {study_file}", err=True)
+        raise typer.Exit(interrupt.EXIT_INTERRUPTED)
+    except _FAULTS as e:
+        _fault(e)
+    if only is not None:
+        status = sweep.point_status(study.dir / only)
+        raise typer.Exit(0 if status == "done" else 2)
+    counts = {s: sum(r["status"] == s for r in rows) for s in sweep.STATUSES}
+    typer.echo(f"study directory: {study.dir}  ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
+    typer.echo(f"table: {study.dir / sweep.TABLE_FILE}")
+    if counts["failed"] or counts["partial"] or counts["pending"]:
+        raise typer.Exit(1)
+
+
 @app.command("inspect")
-def inspect_cmd(run_dir: Path = typer.Argument(..., help="a run directory or a run store"),
+def inspect_cmd(run_dir: Path = typer.Argument(..., help="a run directory, a run store or a study directory"),
                 as_json: bool = typer.Option(False, "--json", help="the summary as JSON"),
                 verify: bool = typer.Option(False, "--verify", help="decode every chunk of the store (checksums) "
                                             "and name each bad one: array, step, file")):
-    """Steps, members, failures, misfit, timings and integrity of a run (finished or in progress), as a table."""
-    from enkg_dist import report, table
+    """Steps, members, failures, misfit, timings and integrity of a run (finished or in progress), as a table; for
+    a study directory (enkg-dist sweep), its points: done, partial, failed, pending, with their metrics."""
+    from enkg_dist import report, sweep, table
 
     try:
+        if sweep.is_study_dir(run_dir):
+            s = sweep.summary(run_dir)
+            typer.echo(json.dumps(s, indent=1, default=str) if as_json else table.inspect_study(s), nl=as_json)
+            return
         typer.echo(json.dumps(report.summary(run_dir, verify=verify), indent=1) if as_json else
                    table.inspect_run(run_dir, verify=verify), nl=as_json)
     except _FAULTS as e:

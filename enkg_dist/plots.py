@@ -212,3 +212,84 @@ def _calibration(d):
     ax.set(xlabel="rank of the truth among the members", ylabel="pixels",
            title=f"rank histogram, step {c['rank_step']}")
     return fig
+
+
+# ---- a study (enkg-dist sweep): its table's rows against the keys that vary
+
+
+def _study_groups(rows: list[dict], keys: list[str]) -> dict[str, list[dict]]:
+    """Rows grouped by the varying keys other than the x axis and the seeds (a seed's points are replicates)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        label = ", ".join(f"{k}={r.get(k)}" for k in keys if not k.split(".")[-1].endswith("seed"))
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+def _study_panel(ax, rows, x, y, keys, i_gid: str) -> None:
+    """Each group's points and the line through their means at each x."""
+    seeds = [k.split(".")[-1] for k in keys if k.split(".")[-1].endswith("seed")]
+    for i, (label, group) in enumerate(_study_groups(rows, keys).items()):
+        label = (label or "all points") + (f" (mean over {', '.join(seeds)})" if seeds else "")
+        pts = [(float(r[x]), float(r[y])) for r in group if isinstance(r.get(x), (int, float))
+               and isinstance(r.get(y), (int, float))]
+        if not pts:
+            continue
+        xs = sorted({p[0] for p in pts})
+        means = [np.mean([p[1] for p in pts if p[0] == v]) for v in xs]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=4, alpha=0.5, color=f"C{i}")
+        ax.plot(xs, means, "-", color=f"C{i}", label=label, gid=f"{i_gid}-{y}-{i}")
+    ys = [r[y] for r in rows if isinstance(r.get(y), (int, float)) and r[y] > 0]
+    if ys and max(ys) > 4 * min(ys):
+        ax.set_yscale("log")
+    xs = sorted({float(r[x]) for r in rows if isinstance(r.get(x), (int, float))})
+    if xs and xs[0] > 0 and xs[-1] > 4 * xs[0]:
+        ax.set_xscale("log", base=2)
+    if 0 < len(xs) <= 8:  # the grid's own values as the ticks
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def study_figures(rows: list[dict], grid_keys: list[str], out_dir: str | Path) -> list[Path]:
+    """PNGs of a study's finished points, only for the axes that vary: relative L2 error of the mean and
+    spread-skill against J (when an ensemble_size is in the grid) and against the forward runs, and the time per
+    step against execution.num_workers (when in the grid). Returns the paths written."""
+    done = [r for r in rows if r.get("status") == "done"]
+    varying = [k for k in grid_keys if len({repr(r.get(k)) for r in rows}) > 1]
+    axes = []
+    j_key = next((k for k in varying if k.endswith("ensemble_size")), None)
+    if j_key is not None:
+        axes.append(("J", "ensemble size J", "error_vs_J.png", [k for k in varying if k != j_key]))
+    if len({r.get("forward_runs") for r in done}) > 1:
+        axes.append(("forward_runs", "forward runs (simulator evaluations)", "error_vs_forward_runs.png",
+                     [k for k in varying if k != j_key]))
+    paths = []
+    for x, xlabel, name, others in axes:
+        fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+        exact = [r["posterior_mean_rel_l2"] for r in done if isinstance(r.get("posterior_mean_rel_l2"), float)]
+        if exact:
+            a0.axhline(float(np.mean(exact)), color="k", ls="--", lw=1, label="exact posterior mean (mean of all)")
+        _study_panel(a0, done, x, "rel_l2_mean", others, x)
+        a0.set(xlabel=xlabel, ylabel="‖mean − truth‖ / ‖truth‖", title="relative L2 error of the ensemble mean")
+        _study_panel(a1, done, x, "spread_skill", others, x)
+        a1.axhline(1.0, color="0.5", ls=":", lw=1)
+        a1.set(xlabel=xlabel, ylabel="spread / skill", title="spread-skill ratio (1: calibrated)")
+        paths.append(_save(fig, Path(out_dir) / name))
+    if "execution.num_workers" in varying:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+        _study_panel(ax, done, "execution.num_workers", "step_seconds_mean",
+                     [k for k in varying if k != "execution.num_workers"], "W")
+        ax.set(xlabel="simulator workers W", ylabel="seconds per step (mean)", title="time per step")
+        paths.append(_save(fig, Path(out_dir) / "step_time_vs_workers.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

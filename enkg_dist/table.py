@@ -1,4 +1,5 @@
-"""The text table of `enkg-dist inspect`: the committed steps of a run, its totals, status, metrics and damage."""
+"""The text tables of `enkg-dist inspect`: a run (its committed steps, totals, status, metrics and damage) and a
+study (its points)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,44 @@ def inspect_run(run_dir, width: int = 120, verify: bool = False) -> str:
     lines += [f"  {d}" for d in s["damage"][:_MAX_DAMAGE]]
     if len(s["damage"]) > _MAX_DAMAGE:
         lines.append(f"  ({len(s['damage']) - _MAX_DAMAGE} more)")
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    return buf.getvalue().rstrip() + "\n"
+
+
+def _value(v) -> str:
+    return "-" if v is None or v == "" else format(v, ".4g") if isinstance(v, float) else str(v)
+
+
+def inspect_study(s: dict, width: int = 140) -> str:
+    """The text of `enkg-dist inspect STUDY_DIR` from a study's summary (sweep.summary): one line per point (its
+    grid settings, status, committed steps, error, spread-skill, CRPS, forward runs, time per step), then the
+    points done / partial / failed / pending, the failures' errors, the table and the figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = list(s["grid"])
+    shown = ["rel_l2_mean", "spread_skill", "crps", "forward_runs", "step_seconds_mean", "wall_seconds"]
+    short = [k.split(".")[-1] for k in keys]
+    heads = short if len(set(short)) == len(short) else keys  # the grid keys' last parts, when they differ
+    table = Table(title=f"study {s['name']}: {s['study_dir']}", title_justify="left")
+    for col in (*heads, "status", "steps", *shown):
+        table.add_column(col, justify="left" if col in (*heads, "status") else "right")
+    for r in s["rows"]:
+        steps = f"{r['committed_steps']}/{r['num_steps']}" if r.get("num_steps") is not None else "-"
+        table.add_row(*(_value(r.get(k)) for k in keys), r["status"], steps, *(_value(r.get(k)) for k in shown))
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False, emoji=False,
+                      markup=False)
+    console.print(table)
+    c = s["counts"]
+    lines = [f"points: {s['points']} (done {c['done']}, partial {c['partial']}, failed {c['failed']}, "
+             f"pending {c['pending']})"]
+    lines += [f"  failed {r['point']}: {r.get('error') or '?'}" for r in s["rows"] if r["status"] == "failed"]
+    if c["done"] < s["points"] and s["study_file"]:
+        lines.append(f"continue with: enkg-dist sweep {s['study_file']}")
+    lines.append(f"table: {s['table'] or '(not written yet)'}")
+    lines += [f"figure: {f}" for f in s["figures"]]
     for line in lines:
         console.print(line, soft_wrap=True)
     return buf.getvalue().rstrip() + "\n"
