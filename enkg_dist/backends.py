@@ -21,6 +21,7 @@ class Backend:
     close: Callable[[], None] = lambda: None
     stats: Callable[[], dict] = dict
     on_step: Callable[[int, float], None] = lambda i, seconds: None  # e.g. export metrics
+    threads: Callable[[], dict] = dict  # the threads each remote process runs (threads.in_use), by kind
 
 
 def local_forward(G, batch_size: int = 0):
@@ -58,15 +59,26 @@ def ray_backend(prior, problem, ex, address: str | None, prior_device: str = "au
     from enkg_dist.distributed.pool import PoolOptions, WorkerPool
     from enkg_dist.distributed.prior import RemotePrior
 
-    cluster.connect(address or ex.address, num_cpus=ex.num_cpus, dashboard=ex.dashboard)
+    cluster.connect(address or ex.address, num_cpus=ex.num_cpus, dashboard=ex.dashboard,
+                    runtime_env=ex.runtime_env)
     remote_prior = RemotePrior(prior, ex.prior_actors, ex.prior_gpus, num_cpus=0 if ex.prior_gpus == 0 else 1,
-                               device=prior_device, keep_x_hat=True)  # x_hat0 goes to the workers by reference
+                               device=prior_device, keep_x_hat=True,  # x_hat0 goes to the workers by reference
+                               threads=ex.threads)
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
         resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,
-        straggler_factor=ex.straggler_factor, max_retries=ex.max_retries))
+        straggler_factor=ex.straggler_factor, max_retries=ex.max_retries, threads=ex.threads))
+
+    seen: dict = {}  # the processes' thread counts, asked before they are shut down (recorded in metrics.json)
+
+    def live_threads() -> dict:
+        return {"simulator_workers": pool.threads(), "prior_actors": remote_prior.threads()}
 
     def close():
+        try:
+            seen.update(live_threads())
+        except Exception:  # noqa: BLE001 - a worker lost at the end: the counts are informative only
+            pass
         pool.shutdown()
         remote_prior.shutdown()
 
@@ -80,4 +92,4 @@ def ray_backend(prior, problem, ex, address: str | None, prior_device: str = "au
         m["step_seconds"].observe(seconds)
         m["step"].set(i)
 
-    return Backend("ray", remote_prior, pool.evaluate, close, stats, on_step)
+    return Backend("ray", remote_prior, pool.evaluate, close, stats, on_step, lambda: dict(seen) or live_threads())

@@ -10,6 +10,7 @@ machine (or its cgroup) has available, before anything is allocated. ENKG_MEMORY
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -24,8 +25,8 @@ def _sizes(cfg: cfgmod.RunConfig) -> tuple[str, int, int, int]:
     p = cfg.problem
     key, J = ("eki.ensemble_size", cfg.eki.ensemble_size) if cfg.method == "eki" else \
         ("enkg.ensemble_size", cfg.enkg.ensemble_size)
-    d = p.n * p.n
-    m = p.obs_size if p.kind == "external" else (p.n // p.k) ** 2
+    d = math.prod(p.shape) if p.kind == "python" else p.n * p.n
+    m = p.obs_size if p.kind in ("external", "python") else (p.n // p.k) ** 2
     return key, J, d, m
 
 
@@ -84,9 +85,10 @@ def check_memory(cfg: cfgmod.RunConfig, available: int | None = None) -> None:
     if avail is None or est["total"] <= avail:
         return
     p = cfg.problem
+    size = f"problem.n (now {p.n})" if getattr(p, "n", None) else f"the state's size ({est['state_size']})"
     raise cfgmod.ConfigError(
         f"config error: {est['J_key']}: the driver would need about {_gib(est['total'])} ({est['J']} members x "
         f"{est['state_size']} values x {est['bytes_per_value']} B, about {ENSEMBLE_COPIES + cfg.store.max_pending} "
-        f"copies) and {_gib(max(avail, 0))} is available here; lower {est['J_key']} or problem.n (now {p.n})"
+        f"copies) and {_gib(max(avail, 0))} is available here; lower {est['J_key']} or {size}"
         + ("" if cfg.dtype == "float32" else ", or set dtype: float32")
         + " (ENKG_MEMORY_CHECK=0 skips this check)")

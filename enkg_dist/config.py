@@ -12,6 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from enkg_dist import schema
+from enkg_dist.plugin_config import NoiseSettings, PythonPrior, PythonProblem  # noqa: F401 - config's own keys
 from enkg_dist.sampler import EnKGConfig
 from enkg_dist.schema import ConfigError, apply_overrides, parse_value, printable  # noqa: F401 - config's own API
 
@@ -28,6 +29,8 @@ class LinearGaussianProblem(_Model):
     k: int = Field(2, ge=1, description="keep every k-th grid point")
     blur: float = Field(0.0, ge=0, description="Gaussian blur width before subsampling, in domain units")
     noise_std: float = Field(0.1, gt=0, description="observation noise std")
+    noise: NoiseSettings | None = Field(None, description="Gamma as std, variances or covariance (a .npy file); "
+                                        "when given it replaces noise_std")
     truth_seed: int = Field(0, ge=0, description="seed of the hidden truth and of the observation noise")
 
     @model_validator(mode="after")
@@ -83,7 +86,7 @@ class ExternalProblem(_Model):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-ProblemConfig = Annotated[Union[LinearGaussianProblem, NavierStokesProblem, ExternalProblem],
+ProblemConfig = Annotated[Union[LinearGaussianProblem, NavierStokesProblem, ExternalProblem, PythonProblem],
                           Field(discriminator="kind")]
 
 
@@ -118,7 +121,8 @@ class LearnedPrior(_Model):
     compile: bool = Field(False, description="torch.compile the network (falls back to eager if it fails)")
 
 
-PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior], Field(discriminator="kind")]
+PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior, PythonPrior],
+                        Field(discriminator="kind")]
 
 
 class LocalisationSettings(_Model):
@@ -226,6 +230,11 @@ class ExecutionSettings(_Model):
     prior_gpus: float = Field(0.0, ge=0, description="GPUs per prior actor")
     max_failed_fraction: float = Field(0.5, ge=0, le=1, description="stop cleanly when more members fail in a step")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray (null: this machine's)")
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env of the job (working_dir, "
+                                               "py_modules, env_vars): how plug-in modules reach the workers")
+    threads: int | None = Field(None, ge=1, description="intra-op threads (torch, OpenMP/MKL/OpenBLAS) of each "
+                                "simulator worker, prior actor and the driver (null: the CPUs each was given: "
+                                "worker_cpus; the driver's free CPUs)")
     dashboard: bool = Field(False, description="start Ray's dashboard (bound to loopback) with an embedded Ray")
 
 
@@ -288,7 +297,8 @@ RESUME_MAY_CHANGE = (
     "name", "output_dir", "device", "prior.device",
     "execution.backend", "execution.address", "execution.num_workers", "execution.worker_cpus",
     "execution.worker_gpus", "execution.worker_resources", "execution.batch_size", "execution.prior_actors",
-    "execution.prior_gpus", "execution.num_cpus", "execution.dashboard", "execution.max_failed_fraction",
+    "execution.prior_gpus", "execution.num_cpus", "execution.threads", "execution.runtime_env", "execution.dashboard",
+    "execution.max_failed_fraction",
     "store.max_pending", "store.checkpoint_every",
 )
 

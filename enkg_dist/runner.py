@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
-from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules
+from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules, threads
 from enkg_dist.backends import local_backend, ray_backend
 from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
@@ -54,7 +54,7 @@ def prior_device(cfg: cfgmod.RunConfig, remote: bool) -> str:
     """Where a learned prior runs: checked against each prior actor's GPU grant on Ray, against this machine's
     hardware in-process; a one-line config error naming the key otherwise."""
     pr, ex = cfg.prior, cfg.execution
-    if pr.kind != "learned":
+    if pr.kind not in ("learned", "python"):
         return "cpu"
     if remote:
         if pr.device == "cuda" and ex.prior_gpus == 0:
@@ -66,7 +66,7 @@ def prior_device(cfg: cfgmod.RunConfig, remote: bool) -> str:
             name = devices.resolve_device(pr.device).type
         except ValueError as e:
             raise cfgmod.ConfigError(f"config error: prior.device: {e}") from None
-    if pr.dtype == "bfloat16" and name != "cuda":
+    if pr.kind == "learned" and pr.dtype == "bfloat16" and name != "cuda":
         raise cfgmod.ConfigError("config error: prior.dtype: bfloat16 runs on CUDA only and this prior runs on the "
                                  "CPU; use float32" + (" or give prior actors GPUs (execution.prior_gpus)"
                                                        if remote else ""))
@@ -86,9 +86,14 @@ def devices_plan(cfg: cfgmod.RunConfig, address: str | None = None) -> dict:
     return plan
 
 
-def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu"):
-    """The prior of a config on the n x n grid: a Gaussian field, or a learned denoiser loaded from its checkpoint
-    onto `device` (the CPU when it goes to Ray actors, which move it themselves)."""
+def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu", state_shape=None):
+    """The prior of a config on the n x n grid (states of `state_shape`, (1, n, n) by default): a Gaussian field, a
+    learned denoiser loaded from its checkpoint, or a Python plug-in's, onto `device` (the CPU when it goes to Ray
+    actors, which move it themselves)."""
+    if pr.kind == "python":
+        from enkg_dist import plugins
+
+        return plugins.python_prior(pr, state_shape or (1, n, n), device)
     if pr.kind == "gaussian":
         from enkg_dist.priors.gaussian import GaussianFieldPrior
 
@@ -131,13 +136,16 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
     if pr.kind != "gaussian" and p.kind == "linear_gaussian":
         raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} does not apply to the linear-Gaussian "
                                  "problem (its exact posterior needs its own Gaussian prior)")
-    if pr.kind == "learned" and cfg.method == "eki":
-        raise cfgmod.ConfigError("config error: prior.kind: EKI draws its ensemble from a Gaussian prior; a learned "
+    if pr.kind in ("learned", "python") and cfg.method == "eki":
+        raise cfgmod.ConfigError(f"config error: prior.kind: EKI draws its ensemble from a Gaussian prior; a {pr.kind} "
                                  "prior needs method enkg")
     if p.kind == "linear_gaussian":
+        from enkg_dist import plugins
+
+        Gamma = None if p.noise is None else plugins.noise_covariance(p.noise, (p.n // p.k) ** 2)
         problem, prior, post = linear_gaussian.make_problem(
             n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
-            truth_seed=p.truth_seed)
+            truth_seed=p.truth_seed, Gamma=Gamma)
         obs = problem.y.reshape(p.n // p.k, p.n // p.k)
         return _finish(cfg, Built(problem, prior, post, obs))
     if p.kind == "navier_stokes":
@@ -150,7 +158,20 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
         return _finish(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
     if p.kind == "external":
         return _finish(cfg, _build_external(p, pr, device))
+    if p.kind == "python":
+        from enkg_dist import plugins
+
+        problem, prior, image = plugins.build_python_problem(p, pr, lambda pr, shape: _shaped_prior(pr, shape, device))
+        return _finish(cfg, Built(problem, prior, None, image))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
+
+
+def _shaped_prior(pr, shape: tuple, device: str):
+    """The prior for states of `shape`: any for a Python plug-in's; Gaussian and learned ones need a (C, n, n) field."""
+    if pr.kind != "python" and (len(shape) != 3 or shape[1] != shape[2] or (shape[0] != 1 and pr.kind != "learned")):
+        raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} takes (1, n, n) fields and the problem's "
+                                 f"state is {tuple(shape)}; give problem.n, or use prior.kind: python")
+    return make_prior(pr, shape[-1], device=device, state_shape=shape)
 
 
 def _load_npy(path: str, what: str) -> torch.Tensor:
@@ -344,14 +365,15 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool, r
                            num_steps=steps, num_corrections=K, dtype=cfg.dtype, full_every=cfg.store.full_every,
                            max_pending=cfg.store.max_pending, defer_writes=True,
                            checkpoint_every=cfg.store.checkpoint_every, reference=reference,
-                           reference_attrs=reference_attrs, meta={"hardware": hardware})
+                           reference_attrs=reference_attrs,
+                           meta={"hardware": hardware, "threads": thread_plan(cfg, remote)})
 
 
 def hardware_of(cfg: cfgmod.RunConfig, built: Built, remote: bool = False) -> dict:
     """The hardware kinds whose round-off the result carries: the driver's (Kalman update) and the prior's."""
     driver = devices.hardware_kind(resolve_device(cfg.device))
     prior = devices.hardware_kind(built.prior.device)
-    if remote and cfg.prior.kind == "learned":
+    if remote and cfg.prior.kind in ("learned", "python"):
         prior = prior_device(cfg, remote=True)  # each actor's kind (GPU model not known to the driver)
     return {"driver": driver, "prior": prior}
 
@@ -377,7 +399,7 @@ def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None
     ex = cfg.execution
     if on_ray(cfg, address):
         return ray_backend(built.prior, built.problem, ex, address, prior_device=cfg.prior.device
-                           if cfg.prior.kind == "learned" else "cpu")
+                           if cfg.prior.kind in ("learned", "python") else "cpu")
     return local_backend(built.prior, built.problem, ex.batch_size or 0)
 
 
@@ -393,7 +415,8 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
     check_observation(cfg, built)
     rd = prepare_run_dir(cfg, run_dir)
     try:
-        return _run(cfg, rd, built, device, dtype, progress, address)
+        with threads.budget(driver_threads(cfg)):
+            return _run(cfg, rd, built, device, dtype, progress, address)
     except (cfgmod.ConfigError, rundir.RunDirError):
         rd.discard_if_unused(_committed(cfg, rd.path))  # a run directory this call made, with nothing in it
         raise
@@ -407,6 +430,21 @@ def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool
                                 f"committed; once that is fixed, continue with: enkg-dist resume {rd.path}") from e
     finally:
         rd.close()
+
+
+def driver_threads(cfg: cfgmod.RunConfig) -> int:
+    """The driver's intra-op threads: execution.threads, else the CPUs free for it (threads.free_cpus)."""
+    return cfg.execution.threads or threads.free_cpus()
+
+
+def thread_plan(cfg: cfgmod.RunConfig, remote: bool) -> dict:
+    """The thread budget of each kind of process, for the store's run info."""
+    ex = cfg.execution
+    plan = {"driver": threads.in_use()}
+    if remote:
+        plan["simulator_worker"] = ex.threads or threads.for_cpus(ex.worker_cpus)
+        plan["prior_actor"] = ex.threads or threads.for_cpus(0 if ex.prior_gpus == 0 else 1)
+    return plan
 
 
 def _committed(cfg: cfgmod.RunConfig, run_dir: Path) -> int:
@@ -465,7 +503,8 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
         metrics["rank_histogram"] = rank_histogram(x, truth)
     metrics.update({"forward_evaluations": evaluator.n_evals, "failed_evaluations": evaluator.n_failed,
                     "skipped_evaluations": evaluator.skipped, "resumed_from_step": start - 1 if resuming else None,
-                    "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats()})
+                    "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats(),
+                    "threads": {"driver": threads.in_use(), **backend.threads()}})
     mean, std = x.mean(0), x.std(0)
     rundir.replace_atomic(out / "ensemble.pt", lambda tmp: torch.save({"particles": x, "mean": mean, "std": std}, tmp))
     rundir.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))

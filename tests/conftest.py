@@ -21,3 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         if any(item.get_closest_marker(m) for m in ("ray", "subprocess", "mpi")):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the whole test session (about 5 s and 0.8 GB to start); its tests count as slow."""
+    pytest.importorskip("ray")
+    from enkg_dist.distributed import cluster
+
+    # 8 logical CPUs on 2 cores: room for 3 workers and the prior actor; the work itself is light
+    cluster.connect(None, num_cpus=8)
+    yield
+    cluster.disconnect()

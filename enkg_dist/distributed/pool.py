@@ -43,6 +43,7 @@ class PoolOptions:
     max_retries: int = 3  # re-dispatches of a task whose worker died
     depth: int = 2  # tasks queued per worker, so a worker never idles during a round trip
     start_timeout: float = 300.0  # seconds to wait for any worker to start before giving up
+    threads: int | None = None  # intra-op threads per worker (None: the CPUs it reserved, num_cpus)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class WorkerPool:
         o = self.options
         self.workers[w] = RemoteSimulatorWorker.options(
             num_cpus=o.num_cpus, num_gpus=o.num_gpus, resources=dict(o.resources), max_restarts=0,
-            max_task_retries=0).remote(self._spec)
+            max_task_retries=0).remote(self._spec, o.threads)
         self._starting[self.workers[w].pid.remote()] = w
 
     def _replace(self, w: int, kill: bool) -> None:
@@ -125,6 +126,10 @@ class WorkerPool:
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return len(self._starting)
+
+    def threads(self) -> list[dict]:
+        """The threads each worker runs, asked from inside it (threads.in_use)."""
+        return ray.get([a.thread_counts.remote() for a in self.workers if a is not None])
 
     def shutdown(self) -> None:
         for a in self.workers:

@@ -14,11 +14,23 @@ import numpy as np
 import ray
 import torch
 
-from enkg_dist import sampler
+from enkg_dist import sampler, threads
 from enkg_dist.devices import actor_device, member_chunks, repeatable
 from enkg_dist.distributed.ensemble import RemoteEnsemble, Shards
 from enkg_dist.distributed.traffic import DRIVER, nbytes
+from enkg_dist.factories import FactoryError
 from enkg_dist.priors import Prior
+
+
+def _get(refs):
+    """ray.get, where a plug-in's error on an actor (its module missing there, its factory raising) is raised as
+    itself: one line naming the factory, not the actor's traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, FactoryError):
+            raise FactoryError(str(e.cause)) from None
+        raise
 
 
 def _build(spec) -> Prior:
@@ -29,11 +41,17 @@ def _build(spec) -> Prior:
 class PriorWorker:
     """One copy of the prior; methods take and return numpy arrays (zero-copy through the object store)."""
 
-    def __init__(self, spec, device: str = "auto"):
+    def __init__(self, spec, device: str = "auto", num_threads: int | None = None):
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0) if ray.is_initialized() else 0
+        threads.set_threads(num_threads or threads.for_cpus(cpus))  # the CPUs it was given (at least one thread)
         self.prior = _build(spec)
         self.device = actor_device(device, has_gpu=bool(ray.get_gpu_ids()) if ray.is_initialized() else False)
         repeatable(self.device)
         self.prior = self.prior.to(self.device)
+
+    def thread_counts(self) -> dict:
+        """The threads this actor runs (threads.in_use), asked from inside it."""
+        return threads.in_use()
 
     def where(self) -> str:
         """The device this actor's prior runs on."""
@@ -67,7 +85,7 @@ class RemotePrior(sampler.DenoiserMaps):
     sampler.DenoiserMaps it runs a step's x_hat0 map and predictor on the actors, where the model lives."""
 
     def __init__(self, spec: Prior, num_actors: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
-                 device: str = "auto", keep_x_hat: bool = False):
+                 device: str = "auto", keep_x_hat: bool = False, threads: int | None = None):
         super().__init__(self.__call__)
         # x_hat0 stays in the object store (a RemoteEnsemble) for simulator workers that fetch it by reference
         # (distributed.pool.WorkerPool); otherwise it comes back as a tensor
@@ -75,7 +93,7 @@ class RemotePrior(sampler.DenoiserMaps):
         self.max_batch = spec.max_batch if isinstance(spec, Prior) else None  # a factory: one batch
         self._spec = ray.put(spec)  # kept referenced: a restarted actor (after a node loss) is built from it again
         self.actors = [RemotePriorWorker.options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=3,
-                                                 max_task_retries=3).remote(self._spec, device)
+                                                 max_task_retries=3).remote(self._spec, device, threads)
                        for _ in range(num_actors)]
 
     def _shards(self, J: int) -> list[tuple[object, int, int]]:
@@ -87,7 +105,7 @@ class RemotePrior(sampler.DenoiserMaps):
         xn = x.detach().cpu().numpy()
         shards = self._shards(xn.shape[0])
         refs = [getattr(a, method).remote(xn[s:e], *args) for a, s, e in shards]
-        out = ray.get(refs)
+        out = _get(refs)
         DRIVER.sent += nbytes(*(xn[s:e] for _, s, e in shards))
         DRIVER.received += nbytes(*out)
         return torch.from_numpy(np.concatenate(out)).to(x.device)
@@ -96,9 +114,13 @@ class RemotePrior(sampler.DenoiserMaps):
         """x_hat_map on the actors, its shards left in the object store."""
         shards = self._shards(xn.shape[0])
         pairs = [a.x_hat_map_kept.remote(xn[s:e], *args) for a, s, e in shards]
-        ray.get([shape for shape, _ in pairs])  # waits for the maps and raises their errors, fetching no array
+        _get([shape for shape, _ in pairs])  # waits for the maps and raises their errors, fetching no array
         DRIVER.sent += nbytes(*(xn[s:e] for _, s, e in shards))
         return [(arr, s, e) for (_, arr), (_, s, e) in zip(pairs, shards)]
+
+    def threads(self) -> list[dict]:
+        """The threads each actor runs."""
+        return ray.get([a.thread_counts.remote() for a in self.actors])
 
     def devices(self) -> list[str]:
         """Where each actor's prior runs."""

@@ -8,6 +8,7 @@ import numpy as np
 import ray
 import torch
 
+from enkg_dist import threads
 from enkg_dist.distributed.ensemble import gather
 from enkg_dist.problems.base import ForwardModel, safe_evaluate
 
@@ -17,14 +18,25 @@ def build_forward(spec) -> ForwardModel:
     return spec if isinstance(spec, ForwardModel) else spec()
 
 
+def assigned_cpus() -> float:
+    """The CPUs Ray assigned to this actor (0 for an actor that reserved none)."""
+    return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+
+
 class SimulatorWorker:
     """Holds one forward model; `evaluate(members, x)` returns (members, psi, ok, reasons) as numpy arrays."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, num_threads: int | None = None):
+        # the thread budget first (before the model, and a user's plug-in module, load their libraries): the CPUs
+        # Ray assigned this worker (execution.worker_cpus), or execution.threads
+        self.threads = threads.set_threads(num_threads or threads.for_cpus(assigned_cpus()))
         self.G = build_forward(spec)
         if ray.get_gpu_ids():  # Ray set CUDA_VISIBLE_DEVICES to this worker's GPUs: cuda:0 is the first of them
             self.G = self.G.for_device(torch.device("cuda"))
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+
+    def thread_counts(self) -> dict:
+        """The threads this worker runs (threads.in_use: torch's and the native pools'), asked from inside it."""
+        return threads.in_use()
 
     def device(self) -> str:
         """Where this worker's forward model computes (for checks and logs)."""
