@@ -337,6 +337,25 @@ def test_a_non_spd_covariance_file_is_one_line(tmp_path):
     _one_line(str(e.value), "problem.noise.covariance", "positive definite")
 
 
+def test_a_store_written_before_the_new_null_keys_still_resumes(tmp_path):
+    """problem.noise, execution.threads and execution.runtime_env are new keys with null defaults: a store whose
+    config lacks them is no different (a key set to a value still is)."""
+    from enkg_dist.store import RunStore
+
+    cfg = cfgmod.validate({"problem": {"n": 8, "k": 2}}).model_dump(mode="json")
+    old = json.loads(json.dumps(cfg))
+    del old["problem"]["noise"], old["execution"]["threads"], old["execution"]["runtime_env"]
+    store = RunStore.create(tmp_path / "s.zarr", config=old, config_yaml="name: t\n", J=4, state_shape=(1, 8, 8),
+                            obs_size=16, num_steps=2, num_corrections=1)
+    try:
+        assert store.config_diff(cfg) == []
+        cfg["execution"]["threads"] = 2
+        cfg["problem"]["noise"] = {"std": 0.1, "variances": None, "covariance": None}
+        assert store.config_diff(cfg) == ["execution.threads", "problem.noise.std"]
+    finally:
+        store.close()
+
+
 # ---- on Ray ----
 
 def test_python_plugins_give_identical_results_in_process_and_on_ray(plugin_dir, ray_session):

@@ -104,15 +104,20 @@ class ResumePoints:
 
     def config_diff(self, new_config: Mapping, ignore: Sequence[str] = ()) -> list[str]:
         """Dotted keys whose values differ between `new_config` and the stored config, apart from `ignore` (keys,
-        or prefixes of keys)."""
+        or prefixes of keys). A key one side lacks and the other holds as null is no difference: a key added to
+        the configuration later, with a null default (the behaviour before it), does not block a resume of a store
+        written before it."""
         old, new = _flatten(self.config), _flatten(L.as_json(dict(new_config)))
         skip = tuple(ignore)
 
         def ignored(key):
             return any(key == i or key.startswith(i + ".") for i in skip)
 
-        return sorted(k for k in old.keys() | new.keys() if not ignored(k) and old.get(k, _MISSING) !=
-                      new.get(k, _MISSING))
+        def differs(key):
+            a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+            return a != b and not ({a is _MISSING, b is _MISSING} == {True, False} and None in (a, b))
+
+        return sorted(k for k in old.keys() | new.keys() if not ignored(k) and differs(k))
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
