@@ -1,11 +1,15 @@
 """What a run needs before it starts: forward evaluations (runner.forward_budget) and the driver's memory.
 
 The driver holds the whole ensemble several times over during a step (particles, the clean estimates x̂0, the
-denoiser's spectral work arrays, the anomalies and the update, the steps queued for the store and the copy its
-writer encodes) plus the forward outputs and J x J matrices of the Kalman update. `driver_memory` counts them as
-ENSEMBLE_COPIES copies of the ensemble in the run's dtype (measured: see tests/test_budget.py, which checks the
-estimate against a real run's peak), and `check_memory` refuses a run whose estimate exceeds the memory this
-machine (or its cgroup) has available, before anything is allocated. ENKG_MEMORY_CHECK=0 turns the refusal off.
+denoiser's spectral work arrays, the update's result, the steps queued for the store and the copy its writer encodes)
+plus the forward outputs and the Kalman update's own arrays: the unlocalised EnKG corrector one J x J matrix and the
+output Gram matrix on its smaller side (enkg_dist.kalman, blocked past kalman.BLOCK_BYTES), the localised one
+LOCALISED_COPIES more copies of the ensemble (enkg_dist.localisation works on transposed copies), EKI's J x J form
+four J x J matrices. Add RUNTIME_BYTES for the interpreter and its libraries. Measured (issue 17, 2-core machine,
+64x64 float64 linear-Gaussian, 4 steps, J = 10^4): peak RSS 4.80 GB localised (estimate 5.25 GB, +9 %), 4.03 GB
+unlocalised (estimate 4.56 GB, +13 %); tests/test_budget.py checks the estimate against a real run's peak at
+J = 1024. `check_memory` refuses a run whose estimate exceeds the memory this machine (or its cgroup) has
+available, before anything is allocated. ENKG_MEMORY_CHECK=0 turns the refusal off.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from pathlib import Path
 
 from enkg_dist import config as cfgmod
 
-ENSEMBLE_COPIES = 12  # of the (J, d) ensemble in the run's dtype, plus max_pending for the store's queue
+ENSEMBLE_COPIES = 6  # of the (J, d) ensemble in the run's dtype, plus max_pending for the store's queue
+LOCALISED_COPIES = 5  # more, in a localised update: the anomalies, their transpose, the gain's result, w Delta, x_new
+RUNTIME_BYTES = 320 * 2**20  # the driver before its arrays: Python, torch, zarr (peak RSS of a J = 16 run)
+KALMAN_BLOCK_BYTES = 64 * 2**20  # enkg_dist.kalman.BLOCK_BYTES: two blocks of the unlocalised update at a time
 GiB = 2**30
 
 
@@ -35,11 +42,19 @@ def driver_memory(cfg: cfgmod.RunConfig) -> dict:
     key, J, d, m = _sizes(cfg)
     item = 4 if cfg.dtype == "float32" else 8
     ensemble = J * d * item
+    method = cfg.eki if cfg.method == "eki" else cfg.enkg
+    if method.localisation.kind != "none":
+        kalman = ensemble * LOCALISED_COPIES + (m * m * 8 * 2 if cfg.method == "eki" else 0)  # EKI: m x m solve
+    elif cfg.method == "eki":
+        kalman = J * J * 8 * 4  # J x J systems of the Woodbury form
+    else:  # A = R P^T / J, the Gram matrix on its smaller side, two column blocks
+        kalman = J * J * item + min(J, m) ** 2 * item + 2 * min(ensemble, KALMAN_BLOCK_BYTES)
     parts = {
+        "runtime": RUNTIME_BYTES,
         "ensemble": ensemble * (ENSEMBLE_COPIES + cfg.store.max_pending),
         "initial_draw": J * d * 8,  # the float64 draws of the first particles
         "forward_outputs": J * m * 8 * 4,  # psi, its anomalies, the recorder's copies
-        "kalman": J * J * 8 * 4,  # J x J systems of the corrector
+        "kalman": kalman,
     }
     return {"J_key": key, "J": J, "state_size": d, "obs_size": m, "bytes_per_value": item,
             "ensemble_bytes": ensemble, "parts": parts, "total": sum(parts.values())}

@@ -1,5 +1,11 @@
 """Ensemble Kalman updates on (J, d) particles and (J, m) forward outputs, in the J x J form; never d x d.
 
+Memory of the unlocalised updates: the inputs, the result, a few (J, m) arrays, one J x J matrix and temporaries of
+at most BLOCK_BYTES each. Past that size the product with the ensemble's anomalies goes in blocks of state columns,
+and the EnKG step's output Gram matrix is formed on its smaller side (m x m when m < J); below it the arithmetic is
+exactly the one-block form (bit-identical results). J = 10^4, d = 128^2, m = 64^2 in float64 thus needs the ensemble
+twice (2.6 GB), one 0.8 GB J x J and about 1.3 GB of (J, m) arrays, instead of five ensembles and two J x J.
+
 With a localiser the gain is rho o C_xpsi, applied in blocks of state rows (enkg_dist.localisation): no J x J form
 then, and never d x m at once. Pure maths: arrays in, arrays out; the forward model is never called here
 (EnsembleKalmanProcesses.jl style).
@@ -15,6 +21,7 @@ from enkg_dist.localisation import Localiser, localised_apply, localised_output_
 from enkg_dist.noise import NoiseCovariance
 
 STEP_RULES = ("frobenius", "trace")
+BLOCK_BYTES = 64 * 2**20  # the largest temporary of the unlocalised updates; work past it goes in blocks
 FAILURE_POLICIES = ("keep", "resample")
 
 
@@ -71,6 +78,53 @@ def _taking_part(x, psi, y, ok):
     return idx, xs, ps
 
 
+def _block_width(rows: int, cols: int, item: int, block_bytes: int | None) -> int:
+    """Columns per block so that a (rows, width) temporary holds at most block_bytes (cols: all of them fit)."""
+    limit = BLOCK_BYTES if block_bytes is None else block_bytes
+    return max(1, min(cols, limit // max(1, rows * item)))
+
+
+def apply_to_anomalies(X: torch.Tensor, coef: torch.Tensor, w: float | None = None,
+                       block_bytes: int | None = None) -> torch.Tensor:
+    """X - w coef (X - mean X) for X (n, d) and coef (n, n), in blocks of state columns.
+
+    One block (the whole ensemble within block_bytes) is exactly X - w * (coef @ anomalies(X)). Past it the result is
+    written block by block: memory X, the result and two (n, width) temporaries; the GEMM per block may round
+    differently from the whole product (round-off only).
+    """
+    n, d = X.shape
+    width = _block_width(n, d, X.element_size(), block_bytes)
+    if width >= d:
+        delta = coef @ anomalies(X)
+        return X - (delta if w is None else w * delta)
+    mean = X.mean(dim=0, keepdim=True)
+    out = torch.empty_like(X)
+    for start in range(0, d, width):
+        cols = slice(start, min(start + width, d))
+        delta = coef @ (X[:, cols] - mean[:, cols])
+        if w is not None:
+            delta.mul_(w)
+        torch.sub(X[:, cols], delta, out=out[:, cols])
+        del delta
+    return out
+
+
+def _output_gram(P: torch.Tensor, n: int, block_bytes: int | None) -> tuple[float, float]:
+    """(tr S, |S|_F) of S = P P^T / n, the whitened output covariance's Gram matrix.
+
+    Formed as J x J when that is small (or no larger than P itself); otherwise as P^T P / n (m x m, same nonzero
+    spectrum, so the same trace and Frobenius norm up to round-off), which keeps the update to one J x J matrix.
+    """
+    limit = BLOCK_BYTES if block_bytes is None else block_bytes
+    m = P.shape[1]
+    if n <= m or n * n * P.element_size() <= limit:
+        S = (P @ P.T) / n
+    else:
+        S = P.T @ P
+        S.div_(n)
+    return float(torch.diagonal(S).sum()), float(torch.linalg.matrix_norm(S))
+
+
 def _put_back(x: torch.Tensor, idx, X_new: torch.Tensor) -> torch.Tensor:
     """x with the members that took part replaced by their update (failed members unchanged)."""
     if idx is None:
@@ -90,6 +144,7 @@ def enkg_update(
     guard: float | None = 1.0,
     ok: torch.Tensor | None = None,
     localiser: Localiser | None = None,
+    block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, UpdateInfo]:
     """EnKG corrector x_j <- x_j - w C_xpsi Gamma^{-1} (psi_j - y) (EnKG eq. 9-10), as Delta = A (X - mean X).
 
@@ -97,7 +152,8 @@ def enkg_update(
     s/tr(C_psipsi) (the paper), both with Gamma-whitened outputs. `guard` caps w at guard/tr(C_psipsi): no step is
     longer than the paper's rule at scale `guard`, which keeps small ensembles from collapsing. Members with
     ok=False take no part and are returned unchanged. With a `localiser`, Delta_j = (rho o C_xpsi) Gamma^{-1}
-    (psi_j - y) in blocks; w is unchanged (tr C_psipsi uses the diagonal, which rho_psipsi keeps).
+    (psi_j - y) in blocks; w is unchanged (tr C_psipsi uses the diagonal, which rho_psipsi keeps). Without one,
+    temporaries past `block_bytes` (default BLOCK_BYTES) are split into blocks (see apply_to_anomalies).
     """
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}; allowed: {', '.join(STEP_RULES)}")
@@ -106,11 +162,11 @@ def enkg_update(
     X = xs.reshape(n, -1)
     R = Gamma.whiten(ps - y)  # whitened residuals (n, m)
     P = Gamma.whiten(anomalies(ps))  # whitened output anomalies (n, m)
-    A = (R @ P.T) / n  # (n, n)
-    S = (P @ P.T) / n  # Gram matrix, same nonzero spectrum as Gamma^{-1/2} C_psipsi Gamma^{-1/2}
+    A = R @ P.T  # (n, n), the one J x J matrix
+    A.div_(n)
     norm_A = float(torch.linalg.matrix_norm(A))
-    trace_Cpp = float(torch.diagonal(S).sum())
-    norm_Cpp = float(torch.linalg.matrix_norm(S))
+    # Gram matrix P P^T / n: same nonzero spectrum as Gamma^{-1/2} C_psipsi Gamma^{-1/2}
+    trace_Cpp, norm_Cpp = _output_gram(P, n, block_bytes)
     if trace_Cpp == 0.0:  # ensemble collapsed in output space: nothing to learn from
         w = 0.0
     elif rule == "frobenius":
@@ -121,10 +177,10 @@ def enkg_update(
     if guard is not None and trace_Cpp > 0 and w > guard / trace_Cpp:
         w, guarded = guard / trace_Cpp, True
     if localiser is None:
-        delta = A @ anomalies(X)
+        X_new = apply_to_anomalies(X, A, w, block_bytes).reshape(xs.shape)
     else:
         delta = localised_apply(anomalies(X), anomalies(ps), Gamma.inverse(ps - y), localiser)
-    X_new = (X - w * delta).reshape(xs.shape)
+        X_new = (X - w * delta).reshape(xs.shape)
     info = UpdateInfo(w, norm_A, trace_Cpp, norm_Cpp, n, float((R**2).sum(1).mean()) / R.shape[1], guarded)
     return _put_back(x, idx, X_new), info
 
@@ -156,7 +212,7 @@ def eki_update(
     if localiser is None:
         M = S + (n / dt) * torch.eye(n, dtype=S.dtype, device=S.device)
         coef = torch.linalg.solve(M, (R @ P.T).T).T  # R~ P~^T M^{-1}  (M symmetric)
-        X_new = (X - coef @ anomalies(X)).reshape(xs.shape)
+        X_new = apply_to_anomalies(X, coef).reshape(xs.shape)
     else:
         Pa = anomalies(ps)
         M = localised_output_covariance(Pa, localiser) + Gamma.dense().to(Pa) / dt
