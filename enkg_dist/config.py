@@ -12,7 +12,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from enkg_dist import schema
-from enkg_dist.plugin_config import NoiseSettings, PythonPrior, PythonProblem  # noqa: F401 - config's own keys
+from enkg_dist.plugin_config import (DiffusersPrior, NoiseSettings, PythonPrior,  # noqa: F401 - config's own keys
+                                     PythonProblem)
 from enkg_dist.sampler import EnKGConfig
 from enkg_dist.schema import ConfigError, apply_overrides, parse_value, printable  # noqa: F401 - config's own API
 
@@ -121,7 +122,7 @@ class LearnedPrior(_Model):
     compile: bool = Field(False, description="torch.compile the network (falls back to eager if it fails)")
 
 
-PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior, PythonPrior],
+PriorConfig = Annotated[Union[GaussianPrior, FittedGaussianPrior, LearnedPrior, PythonPrior, DiffusersPrior],
                         Field(discriminator="kind")]
 
 

@@ -1,6 +1,6 @@
-"""The job keys of the Python plug-ins (`problem.kind: python`, `prior.kind: python`) and of the observation noise
-given as std, variances or a covariance file (`problem.noise`); part of the run configuration (`config`), which
-re-exports them. Validated like the rest of it: one-line errors naming the key."""
+"""The job keys of the Python plug-ins (`problem.kind: python`, `prior.kind: python`), of diffusers models
+(`prior.kind: diffusers`) and of the observation noise given as std, variances or a covariance file
+(`problem.noise`); part of the run configuration (`config`), which re-exports them. Validated like the rest of it: one-line errors naming the key."""
 
 from __future__ import annotations
 
@@ -107,3 +107,22 @@ class PythonPrior(_Model):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+
+class DiffusersPrior(_Model):
+    """A diffusers `UNet2DModel` and its scheduler saved with `save_pretrained` in a local directory (never fetched
+    from a hub), used as the EDM denoiser: DDPM-style schedules (epsilon, v or sample prediction; Euler/Karras
+    schedulers of the same alphas_cumprod included) and diffusers' EDM schedulers (priors/diffusers_prior.py)."""
+
+    kind: Literal["diffusers"] = "diffusers"
+    path: str = Field(..., description="directory with config.json + scheduler_config.json (unet.save_pretrained "
+                      "and scheduler.save_pretrained into it), or a pipeline's with unet/ and scheduler/")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
+        None, description="what the network predicts (null: the scheduler config's prediction_type)")
+    timesteps: Literal["interpolate", "nearest"] = Field(
+        "interpolate", description="the network's timestep at a noise level sigma: interpolate (fractional, linear "
+                                   "in log sigma between the trained timesteps) or nearest (the nearest trained one)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the network runs (each prior actor on "
+                                                   "Ray)")
+    dtype: Literal["float32", "float64"] = Field("float32", description="network precision")
+    max_batch: int | None = Field(64, ge=1, description="members per network call (null: all at once)")

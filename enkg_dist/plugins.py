@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from enkg_dist import rng
+from enkg_dist.devices import resolve_device
 from enkg_dist.factories import FactoryError, FactorySpec, absolute
 from enkg_dist.noise import NoiseCovariance
 from enkg_dist.priors import GaussianPrior
@@ -71,6 +72,30 @@ def python_prior(pr, state_shape, device: str = "cpu") -> PluginPrior:
     spec = FactorySpec(pr.denoiser, dict(pr.kwargs), "prior.denoiser", absolute(pr.path))
     prior = PluginPrior(spec, state_shape, device, pr.max_batch, pr.dtype, pr.convention)
     return _built(prior.build)
+
+
+DIFFUSERS_FACTORY = "enkg_dist.priors.diffusers_prior:edm_denoiser"
+
+
+def diffusers_prior(pr, state_shape, device: str = "cpu") -> PluginPrior:
+    """The `prior.kind: diffusers` denoiser on `device`: the UNet2DModel and scheduler in the local directory
+    `pr.path`, loaded here once (a missing or malformed directory, or a state it does not fit, is one config error
+    line naming the key); Ray prior actors load it again from the same path (it must be readable there)."""
+    from enkg_dist.priors.diffusers_prior import DiffusersError, edm_denoiser, unet_shape
+
+    path = absolute([pr.path])[0]
+    kwargs = {"path": path, "prediction_type": pr.prediction_type, "timesteps": pr.timesteps, "dtype": pr.dtype}
+    shape = tuple(int(s) for s in state_shape)
+    try:
+        channels, factor = unet_shape(path)
+        if len(shape) != 3 or shape[0] != channels or shape[1] % factor or shape[2] % factor:
+            raise DiffusersError("path", f"the UNet takes ({channels}, H, W) fields with H and W multiples of "
+                                 f"{factor}; the problem's state is {shape}")
+        D = edm_denoiser(device=str(resolve_device(device)), **kwargs)
+    except DiffusersError as e:
+        raise ConfigError(f"config error: prior.{e.key}: {str(e).splitlines()[0]}") from None
+    spec = FactorySpec(DIFFUSERS_FACTORY, kwargs, "prior.path", _built=D)  # D travels as its path: rebuilt there
+    return PluginPrior(spec, shape, device, pr.max_batch, pr.dtype, "edm")
 
 
 def build_python_problem(p, pr, make_prior) -> tuple[InverseProblem, object, torch.Tensor | None]:
