@@ -15,8 +15,17 @@ from enkg_dist import interrupt
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ensemble Kalman Diffusion Guidance, distributed.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from enkg_dist import package_version
+
+        typer.echo(f"enkg-dist {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     """enkg-dist: EnKG inversions of black-box simulators, in-process or on Ray."""
 
 
@@ -53,7 +62,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
 ):
     """Run an EnKG (or EKI) inversion."""
-    from enkg_dist import runner
+    from enkg_dist import api, runner
 
     try:
         cfg = cfgmod.load_config(job, set_)
@@ -73,7 +82,8 @@ def run(
         return
     try:
         with interrupt.stop_on_signals():
-            out, metrics = runner.run(cfg, run_dir, progress=progress, address=address)
+            result = api.run(cfg, run_dir=run_dir, progress=progress, address=address)
+        out, metrics = result.run_dir, result.metrics
     except interrupt.Interrupted as e:
         _interrupted(e)
     except _FAULTS as e:
@@ -93,11 +103,12 @@ def resume_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
 ):
     """Continue a run from its last committed step (bit-identical to an uninterrupted run)."""
-    from enkg_dist import runner
+    from enkg_dist import api
 
     try:
         with interrupt.stop_on_signals():
-            out, metrics = runner.resume(run_dir, progress=progress, address=address, overrides=set_)
+            result = api.resume(run_dir, progress=progress, address=address, overrides=set_)
+        out, metrics = result.run_dir, result.metrics
     except interrupt.Interrupted as e:
         _interrupted(e)
     except _FAULTS as e:

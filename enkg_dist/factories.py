@@ -111,3 +111,34 @@ class FactorySpec:
 def absolute(paths) -> tuple[str, ...]:
     """Directories as absolute paths (a Ray worker's working directory is not the driver's)."""
     return tuple(os.path.abspath(os.path.expanduser(p)) for p in paths)
+
+
+@dataclass
+class ObjectSpec(FactorySpec):
+    """A Python object given to the library API (`enkg_dist.api.run(forward=G, denoiser=D)`) in place of a factory:
+    `build` returns the object itself, nothing is imported. It travels to Ray workers and actors pickled with it
+    (Ray uses cloudpickle), not by name; `name` is a label for messages (the object's module and qualified name)."""
+
+    obj: Any = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "obj": self.obj}
+
+    def resolve(self):
+        return self.build
+
+    def accepts(self, parameter: str) -> bool:
+        return False  # already built: nothing is passed to it
+
+    def build(self, **extra):
+        return self.obj
+
+    def fresh(self) -> ObjectSpec:
+        return ObjectSpec(self.name, {}, self.key, (), obj=self.obj)
+
+
+def label(obj) -> str:
+    """A readable name of a Python object: module.qualname of a function or class, of its type for an instance."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    name = f"{getattr(target, '__module__', None) or '?'}.{getattr(target, '__qualname__', type(obj).__name__)}"
+    return name if target is obj else f"{name} instance"

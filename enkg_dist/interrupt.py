@@ -69,6 +69,11 @@ def stop_on_signals() -> Iterator[None]:
         _state.update(active=False, received=None, previous={})
 
 
+def active() -> bool:
+    """Whether a `stop_on_signals()` block is active in this process (a caller inside one does not nest another)."""
+    return bool(_state["active"])
+
+
 def check() -> None:
     """Raise Interrupted when a stop signal has arrived, or the fault another thread reported (call at safe points
     only)."""

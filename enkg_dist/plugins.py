@@ -9,18 +9,29 @@ stay with the driver (in-process runs use them) and each Ray worker or actor bui
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from enkg_dist import rng
 from enkg_dist.devices import resolve_device
-from enkg_dist.factories import FactoryError, FactorySpec, absolute
+from enkg_dist.factories import FactoryError, FactorySpec, ObjectSpec, absolute, label
 from enkg_dist.noise import NoiseCovariance
-from enkg_dist.priors import GaussianPrior
+from enkg_dist.priors import GaussianPrior, Prior
 from enkg_dist.priors.plugin import PluginPrior
 from enkg_dist.problems.base import InverseProblem, safe_evaluate
 from enkg_dist.problems.plugin import PluginForward
 from enkg_dist.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class Given:
+    """Python objects given to the library API (enkg_dist.api) in place of the factories a job names: `forward` for
+    problem.forward (G, or a problems.base.ForwardModel), `denoiser` for prior.denoiser (D(x, sigma))."""
+
+    forward: object | None = None
+    denoiser: object | None = None
 
 
 def load_array(path: str, key: str) -> torch.Tensor:
@@ -67,9 +78,23 @@ def _built(what):
         raise ConfigError(f"config error: {e}") from None
 
 
-def python_prior(pr, state_shape, device: str = "cpu") -> PluginPrior:
-    """The `prior.kind: python` denoiser on `device`, built here once (its errors one line naming the factory)."""
-    spec = FactorySpec(pr.denoiser, dict(pr.kwargs), "prior.denoiser", absolute(pr.path))
+def _spec(name: str, kwargs: dict, key: str, path, given=None) -> FactorySpec:
+    """The factory a job names, or the object the library API was given instead (enkg_dist.api: pickled to the Ray
+    workers and actors with it, where a factory's name is imported)."""
+    if given is not None:
+        return ObjectSpec(label(given), {}, key, (), obj=given)
+    return FactorySpec(name, dict(kwargs), key, absolute(path))
+
+
+def python_prior(pr, state_shape, device: str = "cpu", denoiser=None) -> Prior:
+    """The `prior.kind: python` denoiser on `device`, built here once (its errors one line naming the factory);
+    `denoiser`: a D(x, sigma) object (or a priors.Prior) given to the library API in place of the factory."""
+    if isinstance(denoiser, Prior):  # one of our priors, given as an object: used as it is
+        if tuple(denoiser.state_shape) != tuple(state_shape):
+            raise ConfigError(f"config error: prior.denoiser: the prior given takes states of shape "
+                              f"{tuple(denoiser.state_shape)}, the problem's are {tuple(state_shape)}")
+        return denoiser.to(device)
+    spec = _spec(pr.denoiser, pr.kwargs, "prior.denoiser", pr.path, denoiser)
     prior = PluginPrior(spec, state_shape, device, pr.max_batch, pr.dtype, pr.convention)
     return _built(prior.build)
 
@@ -98,11 +123,12 @@ def diffusers_prior(pr, state_shape, device: str = "cpu") -> PluginPrior:
     return PluginPrior(spec, shape, device, pr.max_batch, pr.dtype, "edm")
 
 
-def build_python_problem(p, pr, make_prior) -> tuple[InverseProblem, object, torch.Tensor | None]:
+def build_python_problem(p, pr, make_prior, forward=None) -> tuple[InverseProblem, object, torch.Tensor | None]:
     """(problem, prior, observation image) of `problem.kind: python`: G from its factory (built here once, and
-    per Ray worker), the prior by `make_prior(pr, state_shape)`, y from a file or a synthetic twin."""
+    per Ray worker) or the `forward` object given to the library API, the prior by `make_prior(pr, state_shape)`,
+    y from a file or a synthetic twin."""
     shape = p.shape
-    spec = FactorySpec(p.forward, dict(p.kwargs), "problem.forward", absolute(p.path))
+    spec = _spec(p.forward, p.kwargs, "problem.forward", p.path, forward)
     G = PluginForward(spec, shape, p.obs_size, p.array)
     _built(G.model)
     prior = make_prior(pr, shape)
@@ -121,7 +147,7 @@ def build_python_problem(p, pr, make_prior) -> tuple[InverseProblem, object, tor
             truth = prior.sample(rng.member_normal(p.truth_seed, rng.DATA, [0], shape))[0]
         res = safe_evaluate(G, truth[None].to(torch.float64))
         if not bool(res.ok[0]):
-            raise RuntimeError(f"the forward model {p.forward!r} failed on the synthetic truth: {res.reasons[0]}")
+            raise RuntimeError(f"the forward model {spec.name!r} failed on the synthetic truth: {res.reasons[0]}")
         y = res.psi[0].to(torch.float64) + Gamma.color(
             rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0])
     if y.numel() != p.obs_size:

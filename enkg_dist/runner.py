@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from enkg_dist import config as cfgmod
-from enkg_dist import budget, devices, interrupt, rundir, rng, sampler, schedules, threads
+from enkg_dist import budget, devices, interrupt, package_version, rundir, rng, sampler, schedules, threads
 from enkg_dist.backends import local_backend, ray_backend
 from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
@@ -86,14 +86,14 @@ def devices_plan(cfg: cfgmod.RunConfig, address: str | None = None) -> dict:
     return plan
 
 
-def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu", state_shape=None):
+def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu", state_shape=None, denoiser=None):
     """The prior of a config on the n x n grid (states of `state_shape`, (1, n, n) by default): a Gaussian field, a
-    learned denoiser loaded from its checkpoint, or a Python plug-in's, onto `device` (the CPU when it goes to Ray
-    actors, which move it themselves)."""
+    learned denoiser loaded from its checkpoint, or a Python plug-in's (`denoiser`: the object the library API was
+    given in place of its factory), onto `device` (the CPU when it goes to Ray actors, which move it themselves)."""
     if pr.kind == "python":
         from enkg_dist import plugins
 
-        return plugins.python_prior(pr, state_shape or (1, n, n), device)
+        return plugins.python_prior(pr, state_shape or (1, n, n), device, denoiser)
     if pr.kind == "gaussian":
         from enkg_dist.priors.gaussian import GaussianFieldPrior
 
@@ -126,11 +126,17 @@ def _fitted_prior(pr, n: int):
     return GaussianFieldPrior.fit(torch.from_numpy(np.asarray(data)), radial=pr.radial)
 
 
-def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
-    """Problem, prior and exact posterior (when known) for a config; `remote`: the prior goes to Ray actors."""
+def build(cfg: cfgmod.RunConfig, remote: bool = False, given=None) -> Built:
+    """Problem, prior and exact posterior (when known) for a config; `remote`: the prior goes to Ray actors;
+    `given` (plugins.Given): the Python objects the library API was given for problem.forward / prior.denoiser."""
+    from enkg_dist import plugins
     from enkg_dist.problems import linear_gaussian
 
     p, pr = cfg.problem, cfg.prior
+    given = given or plugins.Given()
+    if (given.forward is not None and p.kind != "python") or (given.denoiser is not None and pr.kind != "python"):
+        raise cfgmod.ConfigError("config error: a Python forward model or denoiser object needs problem.kind / "
+                                 "prior.kind python")
     device = prior_device(cfg, remote)
     device = "cpu" if remote else device
     if pr.kind != "gaussian" and p.kind == "linear_gaussian":
@@ -140,8 +146,6 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
         raise cfgmod.ConfigError(f"config error: prior.kind: EKI draws its ensemble from a Gaussian prior; a {pr.kind} "
                                  "prior needs method enkg")
     if p.kind == "linear_gaussian":
-        from enkg_dist import plugins
-
         Gamma = None if p.noise is None else plugins.noise_covariance(p.noise, (p.n // p.k) ** 2)
         problem, prior, post = linear_gaussian.make_problem(
             n=p.n, k=p.k, blur=p.blur, alpha=pr.alpha, tau=pr.tau, std=pr.std, noise_std=p.noise_std,
@@ -154,24 +158,23 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False) -> Built:
         problem = ns.make_problem(n=p.n, k=p.k, noise_std=p.noise_std, T=p.T, truth=p.truth_seed, seed=p.truth_seed,
                                   spinup=p.spinup, Re=p.Re, dealias=p.dealias, mode=p.step_mode,
                                   max_steps=p.max_steps, chunk=p.member_chunk)
-        prior = make_prior(pr, p.n, zero_mean_mode=True, device=device)
+        prior = make_prior(pr, p.n, zero_mean_mode=True, device=device, denoiser=given.denoiser)
         return _finish(cfg, Built(problem, prior, None, problem.y.reshape(p.n // p.k, p.n // p.k)))
     if p.kind == "external":
-        return _finish(cfg, _build_external(p, pr, device))
+        return _finish(cfg, _build_external(p, pr, device, given.denoiser))
     if p.kind == "python":
-        from enkg_dist import plugins
-
-        problem, prior, image = plugins.build_python_problem(p, pr, lambda pr, shape: _shaped_prior(pr, shape, device))
+        problem, prior, image = plugins.build_python_problem(
+            p, pr, lambda pr, shape: _shaped_prior(pr, shape, device, given.denoiser), given.forward)
         return _finish(cfg, Built(problem, prior, None, image))
     raise cfgmod.ConfigError(f"config error: problem.kind: {p.kind!r} is not supported")  # pragma: no cover
 
 
-def _shaped_prior(pr, shape: tuple, device: str):
+def _shaped_prior(pr, shape: tuple, device: str, denoiser=None):
     """The prior for states of `shape`: any for a Python plug-in's; Gaussian and learned ones need a (C, n, n) field."""
     if pr.kind != "python" and (len(shape) != 3 or shape[1] != shape[2] or (shape[0] != 1 and pr.kind != "learned")):
         raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} takes (1, n, n) fields and the problem's "
                                  f"state is {tuple(shape)}; give problem.n, or use prior.kind: python")
-    return make_prior(pr, shape[-1], device=device, state_shape=shape)
+    return make_prior(pr, shape[-1], device=device, state_shape=shape, denoiser=denoiser)
 
 
 def _load_npy(path: str, what: str) -> torch.Tensor:
@@ -181,7 +184,7 @@ def _load_npy(path: str, what: str) -> torch.Tensor:
         raise cfgmod.ConfigError(f"config error: problem.{what}: cannot read {path!r} ({e})") from None
 
 
-def _build_external(p, pr, device: str = "cpu") -> Built:
+def _build_external(p, pr, device: str = "cpu", denoiser=None) -> Built:
     """An external program as G, the prior on (1, n, n), y from a file or a synthetic twin."""
     from enkg_dist.noise import NoiseCovariance
     from enkg_dist.problems.base import safe_evaluate
@@ -194,7 +197,7 @@ def _build_external(p, pr, device: str = "cpu") -> Built:
                                    env=dict(p.env))
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
-    prior = make_prior(pr, p.n, device=device)
+    prior = make_prior(pr, p.n, device=device, denoiser=denoiser)
     truth = None if p.truth is None else _load_npy(p.truth, "truth").reshape(1, p.n, p.n)
     if p.observation is not None:
         y = _load_npy(p.observation, "observation").reshape(-1)
@@ -366,7 +369,8 @@ def open_store(cfg: cfgmod.RunConfig, out: Path, built: Built, resuming: bool, r
                            max_pending=cfg.store.max_pending, defer_writes=True,
                            checkpoint_every=cfg.store.checkpoint_every, reference=reference,
                            reference_attrs=reference_attrs,
-                           meta={"hardware": hardware, "threads": thread_plan(cfg, remote)})
+                           meta={"hardware": hardware, "threads": thread_plan(cfg, remote),
+                                 "version": package_version()})
 
 
 def hardware_of(cfg: cfgmod.RunConfig, built: Built, remote: bool = False) -> dict:
@@ -404,14 +408,16 @@ def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None
 
 
 def run(cfg: cfgmod.RunConfig, run_dir: str | Path | None = None, progress: bool = True,
-        address: str | None = None) -> tuple[Path, dict]:
+        address: str | None = None, given=None) -> tuple[Path, dict]:
     """Run a job, or resume it when `run_dir` holds a store; returns the run directory and the final metrics.
+    `given` (plugins.Given): Python objects in place of the factories of problem.forward / prior.denoiser
+    (the library API, enkg_dist.api).
 
     The job is checked (memory, observation) and built before any run directory is made, so a job that cannot run
     leaves none behind; the directory is locked to this driver for the whole run (rundir.RunDirLock)."""
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
     budget.check_memory(cfg)  # before anything the size of the ensemble is allocated
-    built = build(cfg, remote=on_ray(cfg, address))
+    built = build(cfg, remote=on_ray(cfg, address), given=given)
     check_observation(cfg, built)
     rd = prepare_run_dir(cfg, run_dir)
     try:
@@ -503,7 +509,8 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
         metrics["rank_histogram"] = rank_histogram(x, truth)
     metrics.update({"forward_evaluations": evaluator.n_evals, "failed_evaluations": evaluator.n_failed,
                     "skipped_evaluations": evaluator.skipped, "resumed_from_step": start - 1 if resuming else None,
-                    "wall_seconds": wall, "method": cfg.method, "backend": backend.name, **backend.stats(),
+                    "wall_seconds": wall, "method": cfg.method, "version": package_version(), "backend": backend.name,
+                    **backend.stats(),
                     "threads": {"driver": threads.in_use(), **backend.threads()}})
     mean, std = x.mean(0), x.std(0)
     rundir.replace_atomic(out / "ensemble.pt", lambda tmp: torch.save({"particles": x, "mean": mean, "std": std}, tmp))
@@ -524,7 +531,7 @@ def _history(store) -> list[dict]:
 
 
 def resume(run_dir: str | Path, progress: bool = True, address: str | None = None,
-           overrides: list[str] | None = None) -> tuple[Path, dict]:
+           overrides: list[str] | None = None, given=None) -> tuple[Path, dict]:
     """Continue the run in `run_dir` from its last committed step, with its stored config and `overrides` of the
     keys that may change between resumptions (config.RESUME_MAY_CHANGE; others are refused, naming them). A run
     directory whose store was never created, or whose creation was interrupted, starts afresh with its config."""
@@ -544,7 +551,7 @@ def resume(run_dir: str | Path, progress: bool = True, address: str | None = Non
         _note(f"{path} is unreadable; using the config stored in the run store")
         rundir.write_atomic(path, text)
         cfg = cfgmod.load_config(path, overrides or [])
-    return run(cfg, run_dir, progress, address)
+    return run(cfg, run_dir, progress, address, given)
 
 
 class _StepHooks:

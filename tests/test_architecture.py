@@ -30,7 +30,7 @@ LEAF_MAY_IMPORT = {  # leaf package -> the other leaves' parts it may import (pu
 # The orchestration: run, store, cluster, command line. It may import everything below it.
 ORCHESTRATION = ["runner.py", "backends.py", "recording.py", "cli.py", "config.py", "budget.py", "rundir.py",
                  "interrupt.py", "report.py", "table.py", "plots.py", "store/", "distributed/", "launch/", "plugins.py",
-                 "plugin_config.py", "sweep.py"]
+                 "plugin_config.py", "sweep.py", "api.py", "api_inputs.py"]
 
 
 def imports(path: pathlib.Path) -> set[str]:
