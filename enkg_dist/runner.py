@@ -54,7 +54,7 @@ def prior_device(cfg: cfgmod.RunConfig, remote: bool) -> str:
     """Where a learned prior runs: checked against each prior actor's GPU grant on Ray, against this machine's
     hardware in-process; a one-line config error naming the key otherwise."""
     pr, ex = cfg.prior, cfg.execution
-    if pr.kind not in ("learned", "python"):
+    if pr.kind not in ("learned", "python", "diffusers"):
         return "cpu"
     if remote:
         if pr.device == "cuda" and ex.prior_gpus == 0:
@@ -94,6 +94,10 @@ def make_prior(pr, n: int, zero_mean_mode: bool = False, device: str = "cpu", st
         from enkg_dist import plugins
 
         return plugins.python_prior(pr, state_shape or (1, n, n), device, denoiser)
+    if pr.kind == "diffusers":
+        from enkg_dist import plugins
+
+        return plugins.diffusers_prior(pr, state_shape or (1, n, n), device)
     if pr.kind == "gaussian":
         from enkg_dist.priors.gaussian import GaussianFieldPrior
 
@@ -142,7 +146,7 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False, given=None) -> Built:
     if pr.kind != "gaussian" and p.kind == "linear_gaussian":
         raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} does not apply to the linear-Gaussian "
                                  "problem (its exact posterior needs its own Gaussian prior)")
-    if pr.kind in ("learned", "python") and cfg.method == "eki":
+    if pr.kind in ("learned", "python", "diffusers") and cfg.method == "eki":
         raise cfgmod.ConfigError(f"config error: prior.kind: EKI draws its ensemble from a Gaussian prior; a {pr.kind} "
                                  "prior needs method enkg")
     if p.kind == "linear_gaussian":
@@ -171,7 +175,8 @@ def build(cfg: cfgmod.RunConfig, remote: bool = False, given=None) -> Built:
 
 def _shaped_prior(pr, shape: tuple, device: str, denoiser=None):
     """The prior for states of `shape`: any for a Python plug-in's; Gaussian and learned ones need a (C, n, n) field."""
-    if pr.kind != "python" and (len(shape) != 3 or shape[1] != shape[2] or (shape[0] != 1 and pr.kind != "learned")):
+    channels_ok = shape[0] == 1 or pr.kind in ("learned", "diffusers")  # (C, n, n) for the networks
+    if pr.kind != "python" and (len(shape) != 3 or shape[1] != shape[2] or not channels_ok):
         raise cfgmod.ConfigError(f"config error: prior.kind: {pr.kind!r} takes (1, n, n) fields and the problem's "
                                  f"state is {tuple(shape)}; give problem.n, or use prior.kind: python")
     return make_prior(pr, shape[-1], device=device, state_shape=shape, denoiser=denoiser)
@@ -377,7 +382,7 @@ def hardware_of(cfg: cfgmod.RunConfig, built: Built, remote: bool = False) -> di
     """The hardware kinds whose round-off the result carries: the driver's (Kalman update) and the prior's."""
     driver = devices.hardware_kind(resolve_device(cfg.device))
     prior = devices.hardware_kind(built.prior.device)
-    if remote and cfg.prior.kind in ("learned", "python"):
+    if remote and cfg.prior.kind in ("learned", "python", "diffusers"):
         prior = prior_device(cfg, remote=True)  # each actor's kind (GPU model not known to the driver)
     return {"driver": driver, "prior": prior}
 
@@ -403,7 +408,7 @@ def make_backend(cfg: cfgmod.RunConfig, built: Built, address: str | None = None
     ex = cfg.execution
     if on_ray(cfg, address):
         return ray_backend(built.prior, built.problem, ex, address, prior_device=cfg.prior.device
-                           if cfg.prior.kind in ("learned", "python") else "cpu")
+                           if cfg.prior.kind in ("learned", "python", "diffusers") else "cpu")
     return local_backend(built.prior, built.problem, ex.batch_size or 0)
 
 
