@@ -104,13 +104,20 @@ def cluster_forward(G, sim: float, workers: int, groups: int = 8):
     return forward
 
 
+def _commit(store, ev, i, x, sigma, infos, t0) -> None:
+    """The runner's commit (runner._StepHooks._commit): the member records first, then the step."""
+    ev.wait_records()
+    store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
+                                            "weight": [u.weight for u in infos],
+                                            "timings": {"total": time.perf_counter() - t0}}, copy=False)
+
+
 def bench_step(root: Path, J: int, n: int, sim: float, workers: int, steps: int, rounds: int, every: int) -> dict:
     """Seconds of each guided EnKG step with the store off and on (the full ensemble written every `every` steps)."""
     from enkg_dist import sampler
     from enkg_dist.evaluation import Evaluator
     from enkg_dist.problems.linear_gaussian import make_problem
     from enkg_dist.recording import RecordingEvaluator
-    from enkg_dist.runner import _commit
 
     problem, prior, _ = make_problem(n=n, k=2, noise_std=0.1, dtype=torch.float32)
     forward = cluster_forward(problem.forward, sim, workers)
