@@ -29,22 +29,15 @@ def peak_bytes(run_dir, overrides) -> int:
 
 @pytest.mark.slow
 def test_the_estimate_covers_a_real_runs_peak(tmp_path):
-    """Peak RSS of a J = 1024, 64x64 float64 run (32 MiB ensemble, localised) over the same run at J = 16: the
-    estimate without its runtime part covers it to within the issue's 20 % (it is meant to be above; the slack is for
-    allocator noise) and is not looser than 6x; the J = 16 run's own peak is between 1/2 and 4x the runtime part (4x: the CI run that
-    measured 106 MiB of growth had a high baseline). The
-    measured growth depends on the allocator and on how many steps the store's writer has queued at the peak: 444
-    and 426 MiB in two runs here, 106 MiB in another (CI), against 480 MiB estimated. At J = 10^4 the estimate is
-    9 % above the measured peak localised, 13 % unlocalised (budget's docstring)."""
-    small = ["problem.n=64", "enkg.num_steps=4"]
-    base = peak_bytes(tmp_path / "base", [*small, "enkg.ensemble_size=16"])
-    big = [*small, "enkg.ensemble_size=1024"]
-    grown = peak_bytes(tmp_path / "big", big) - base
-    full = budget.driver_memory(cfgmod.load_config(LG, big))
-    est = full["total"] - full["parts"]["runtime"]
-    print(f"\npeak growth {grown / 2**20:.0f} MiB, estimate {est / 2**20:.0f} MiB; J = 16 peak {base / 2**20:.0f} MiB")
-    assert grown <= 1.2 * est and est <= 6 * grown
-    assert budget.RUNTIME_BYTES / 2 <= base <= 4 * budget.RUNTIME_BYTES
+    """Peak RSS of a J = 1024, 64x64 float64 run (32 MiB ensemble, localised) against --dry-run's estimate: the
+    estimate is at most 20 % below the peak (the issue's tolerance) and not looser than 2x. Measured: 781 MiB alone,
+    821 MiB inside the full suite, against 800 MiB estimated. (Not a growth over a J = 16 run: in the full suite a
+    J = 16 run once peaked at 748 MiB, so differences of peaks measured nothing.)"""
+    big = ["problem.n=64", "enkg.num_steps=4", "enkg.ensemble_size=1024"]
+    peak = peak_bytes(tmp_path / "big", big)
+    est = budget.driver_memory(cfgmod.load_config(LG, big))["total"]
+    print(f"\npeak {peak / 2**20:.0f} MiB, estimate {est / 2**20:.0f} MiB")
+    assert peak <= 1.2 * est and est <= 2 * peak
 
 
 def test_refusal_names_the_keys_and_the_check_can_be_turned_off(monkeypatch):
