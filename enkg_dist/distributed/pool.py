@@ -127,9 +127,10 @@ class WorkerPool:
                 break
         return len(self._starting)
 
-    def threads(self) -> list[dict]:
-        """The threads each worker runs, asked from inside it (threads.in_use)."""
-        return ray.get([a.thread_counts.remote() for a in self.workers if a is not None])
+    def threads(self, timeout: float = 10.0) -> list[dict]:
+        """The threads each worker runs, asked from inside it (threads.in_use); workers that do not answer within
+        `timeout` seconds (lost with their node, restarting) are left out."""
+        return answered([a.thread_counts.remote() for a in self.workers if a is not None], timeout)
 
     def shutdown(self) -> None:
         for a in self.workers:
@@ -339,3 +340,16 @@ class _Dispatch:
                     task.copies += 1
                     self.pool.stats.reissued += 1
                     self.submit(task, free.pop())
+
+
+def answered(refs: list, timeout: float) -> list:
+    """The results of the tasks among `refs` that finish within `timeout` seconds (failed ones left out), in order."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    out = []
+    for r in refs:
+        if r in ready:
+            try:
+                out.append(ray.get(r))
+            except ray.exceptions.RayError:
+                pass
+    return out

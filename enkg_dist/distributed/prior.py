@@ -118,9 +118,11 @@ class RemotePrior(sampler.DenoiserMaps):
         DRIVER.sent += nbytes(*(xn[s:e] for _, s, e in shards))
         return [(arr, s, e) for (_, arr), (_, s, e) in zip(pairs, shards)]
 
-    def threads(self) -> list[dict]:
-        """The threads each actor runs."""
-        return ray.get([a.thread_counts.remote() for a in self.actors])
+    def threads(self, timeout: float = 10.0) -> list[dict]:
+        """The threads each actor runs (actors that do not answer within `timeout` seconds left out)."""
+        from enkg_dist.distributed.pool import answered
+
+        return answered([a.thread_counts.remote() for a in self.actors], timeout)
 
     def devices(self) -> list[str]:
         """Where each actor's prior runs."""
