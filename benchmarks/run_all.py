@@ -16,6 +16,8 @@ RUNS = [
     ["linear_gaussian_table.py", "--quick"],
     ["prior_quality.py", "grf", "--steps", "300"],
     ["bench_launch.py"],
+    ["bench_thread_budget.py"],
+    ["bench_kalman_scale.py", "--J", "1024", "2048"],
 ]
 
 if __name__ == "__main__":
