@@ -133,6 +133,14 @@ def build_python_problem(p, pr, make_prior, forward=None) -> tuple[InverseProble
     _built(G.model)
     prior = make_prior(pr, shape)
     Gamma = noise_covariance(p.noise, p.obs_size)
+    truth, y, image = observed(p, G, prior, shape, Gamma.color, f"the forward model {spec.name!r}")
+    return InverseProblem("python", G, y, Gamma, truth), prior, image
+
+
+def observed(p, G, prior, shape: tuple, color, who: str) -> tuple[torch.Tensor | None, torch.Tensor, object]:
+    """(truth, y, observation image) of a problem whose job names `truth`, `observation`, `truth_seed`, `obs_size`
+    and `coordinates` (python and external problems): y from a file, or a synthetic twin y = G(truth) + color(z)
+    with the truth from the file or drawn from a Gaussian prior; G's observation coordinates set from the file."""
     truth = None if p.truth is None else load_array(p.truth, "problem.truth")
     if truth is not None and truth.numel() != int(np.prod(shape)):
         raise ConfigError(f"config error: problem.truth: has {truth.numel()} values, the state {tuple(shape)}")
@@ -147,9 +155,8 @@ def build_python_problem(p, pr, make_prior, forward=None) -> tuple[InverseProble
             truth = prior.sample(rng.member_normal(p.truth_seed, rng.DATA, [0], shape))[0]
         res = safe_evaluate(G, truth[None].to(torch.float64))
         if not bool(res.ok[0]):
-            raise RuntimeError(f"the forward model {spec.name!r} failed on the synthetic truth: {res.reasons[0]}")
-        y = res.psi[0].to(torch.float64) + Gamma.color(
-            rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0])
+            raise RuntimeError(f"{who} failed on the synthetic truth: {res.reasons[0]}")
+        y = res.psi[0].to(torch.float64) + color(rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0])
     if y.numel() != p.obs_size:
         raise ConfigError(f"config error: problem.observation: has {y.numel()} values, obs_size is {p.obs_size}")
     if p.coordinates is not None:
@@ -158,6 +165,5 @@ def build_python_problem(p, pr, make_prior, forward=None) -> tuple[InverseProble
             raise ConfigError(f"config error: problem.coordinates: {p.coordinates!r} must hold finite (obs_size, 2) "
                               f"= ({p.obs_size}, 2) grid coordinates, got {tuple(coords.shape)}")
         G.obs_coordinates = coords
-    problem = InverseProblem("python", G, y, Gamma, truth)
     side = int(round(p.obs_size**0.5))
-    return problem, prior, y.reshape(side, side) if side * side == p.obs_size else None
+    return truth, y, y.reshape(side, side) if side * side == p.obs_size else None

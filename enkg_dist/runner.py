@@ -182,17 +182,10 @@ def _shaped_prior(pr, shape: tuple, device: str, denoiser=None):
     return make_prior(pr, shape[-1], device=device, state_shape=shape, denoiser=denoiser)
 
 
-def _load_npy(path: str, what: str) -> torch.Tensor:
-    try:
-        return torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float64)
-    except (OSError, ValueError) as e:
-        raise cfgmod.ConfigError(f"config error: problem.{what}: cannot read {path!r} ({e})") from None
-
-
 def _build_external(p, pr, device: str = "cpu", denoiser=None) -> Built:
     """An external program as G, the prior on (1, n, n), y from a file or a synthetic twin."""
+    from enkg_dist import plugins
     from enkg_dist.noise import NoiseCovariance
-    from enkg_dist.problems.base import safe_evaluate
     from enkg_dist.problems.external import ExternalProgramForward
 
     try:
@@ -203,31 +196,9 @@ def _build_external(p, pr, device: str = "cpu", denoiser=None) -> Built:
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
     prior = make_prior(pr, p.n, device=device, denoiser=denoiser)
-    truth = None if p.truth is None else _load_npy(p.truth, "truth").reshape(1, p.n, p.n)
-    if p.observation is not None:
-        y = _load_npy(p.observation, "observation").reshape(-1)
-    else:  # synthetic twin: truth from the prior, y = G(truth) + noise
-        if truth is None and not isinstance(prior, GaussianPrior):
-            raise cfgmod.ConfigError("config error: problem.observation: a synthetic twin draws its truth from a "
-                                     "Gaussian prior; with a learned prior give problem.observation or problem.truth")
-        if truth is None:
-            truth = prior.sample(rng.member_normal(p.truth_seed, rng.DATA, [0], (1, p.n, p.n)))[0]
-        res = safe_evaluate(G, truth[None])
-        if not bool(res.ok[0]):
-            raise RuntimeError(f"the simulator failed on the synthetic truth: {res.reasons[0]}")
-        y = res.psi[0] + p.noise_std * rng.member_normal(p.truth_seed, rng.OBS_NOISE, [0], (p.obs_size,))[0]
-    if p.coordinates is not None:
-        coords = _load_npy(p.coordinates, "coordinates")
-        if coords.shape != (p.obs_size, 2) or not bool(torch.isfinite(coords).all()):
-            raise cfgmod.ConfigError(f"config error: problem.coordinates: {p.coordinates!r} must hold finite "
-                                     f"(obs_size, 2) = ({p.obs_size}, 2) grid coordinates, got {tuple(coords.shape)}")
-        G.obs_coordinates = coords
-    if y.numel() != p.obs_size:
-        raise cfgmod.ConfigError(f"config error: problem.observation: has {y.numel()} values, obs_size is "
-                                 f"{p.obs_size}")
+    truth, y, image = plugins.observed(p, G, prior, (1, p.n, p.n), lambda z: p.noise_std * z, "the simulator")
     problem = InverseProblem("external", G, y, NoiseCovariance.scalar(p.noise_std**2, p.obs_size), truth)
-    side = int(round(p.obs_size**0.5))
-    return Built(problem, prior, None, y.reshape(side, side) if side * side == p.obs_size else None)
+    return Built(problem, prior, None, image)
 
 
 def make_localiser(settings, forward, key: str = "enkg"):
