@@ -67,7 +67,8 @@ def ray_backend(prior, problem, ex, address: str | None, prior_device: str = "au
     pool = WorkerPool(problem.forward, problem.forward.obs_size, PoolOptions(
         num_workers=ex.num_workers, num_cpus=ex.worker_cpus, num_gpus=ex.worker_gpus,
         resources=dict(ex.worker_resources), batch_size=ex.batch_size, timeout=ex.timeout,
-        straggler_factor=ex.straggler_factor, max_retries=ex.max_retries, threads=ex.threads))
+        straggler_factor=ex.straggler_factor, max_retries=ex.max_retries, threads=ex.threads,
+        concurrency=ex.worker_concurrency))
 
     seen: dict = {}  # the processes' thread counts, asked before they are shut down (recorded in metrics.json)
 

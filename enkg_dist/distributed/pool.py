@@ -44,6 +44,7 @@ class PoolOptions:
     depth: int = 2  # tasks queued per worker, so a worker never idles during a round trip
     start_timeout: float = 300.0  # seconds to wait for any worker to start before giving up
     threads: int | None = None  # intra-op threads per worker (None: the CPUs it reserved, num_cpus)
+    concurrency: int = 1  # tasks one worker runs at once, in threads (simulators that wait: programs, MPI, sleeps)
 
 
 @dataclass
@@ -89,8 +90,9 @@ class WorkerPool:
 
     def __init__(self, spec, obs_size: int, options: PoolOptions | None = None, poll: float = 0.05):
         self.options = options or PoolOptions()
-        if self.options.num_workers < 1 or (self.options.batch_size is not None and self.options.batch_size < 1):
-            raise ValueError("num_workers and batch_size must be >= 1")
+        o = self.options
+        if o.num_workers < 1 or o.concurrency < 1 or (o.batch_size is not None and o.batch_size < 1):
+            raise ValueError("num_workers, concurrency and batch_size must be >= 1")
         self.obs_size, self.poll = obs_size, poll
         self._spec = ray.put(spec)
         self._starting: dict[ray.ObjectRef, int] = {}  # readiness pings of workers still starting
@@ -106,7 +108,7 @@ class WorkerPool:
         o = self.options
         self.workers[w] = RemoteSimulatorWorker.options(
             num_cpus=o.num_cpus, num_gpus=o.num_gpus, resources=dict(o.resources), max_restarts=0,
-            max_task_retries=0).remote(self._spec, o.threads)
+            max_task_retries=0, max_concurrency=o.concurrency).remote(self._spec, o.threads)
         self._starting[self.workers[w].pid.remote()] = w
 
     def _replace(self, w: int, kill: bool) -> None:
@@ -162,7 +164,12 @@ class WorkerPool:
         if self.options.timeout is not None:
             return 1  # a timeout fails its whole task: one member per task, so a hang costs only that member
         recent = self.stats.member_seconds
-        return auto_batch_size(J, len(self.workers), statistics.median(recent) if recent else None)
+        return auto_batch_size(J, self.slots, statistics.median(recent) if recent else None)
+
+    @property
+    def slots(self) -> int:
+        """Tasks the pool runs at once: workers x concurrency."""
+        return len(self.workers) * self.options.concurrency
 
     def _worker_started(self, ref) -> int | None:
         """A starting worker answered: its slot index; or it died while starting: start another, return None."""
@@ -239,13 +246,13 @@ class _Dispatch:
             ref = actor.evaluate.remote(task.members, task.x)
             DRIVER.sent += nbytes(task.x)
         lane = self.lanes[w]
-        # a queued task's clock starts when the one ahead of it finishes
-        self.inflight[ref] = [task, w, actor, time.monotonic() if not lane else float("inf")]
+        # a queued task's clock starts when one of the `concurrency` running ahead of it finishes
+        self.inflight[ref] = [task, w, actor, time.monotonic() if len(lane) < self.o.concurrency else float("inf")]
         lane.append(ref)
 
     def fill(self) -> None:
         """Queue tasks on ready workers round by round: every worker gets one before any gets a second."""
-        for level in range(1, self.o.depth + 1):
+        for level in range(1, self.o.depth * self.o.concurrency + 1):
             for w in sorted(self.ready_workers):
                 while self.queue and len(self.lanes[w]) < level:
                     task = self.queue.popleft()
@@ -269,8 +276,9 @@ class _Dispatch:
         lane = self.lanes[w]
         if ref in lane:
             lane.remove(ref)
-        if lane and self.inflight[lane[0]][3] == float("inf"):
-            self.inflight[lane[0]][3] = time.monotonic()
+        for queued in lane[: self.o.concurrency]:
+            if self.inflight[queued][3] == float("inf"):
+                self.inflight[queued][3] = time.monotonic()
         try:
             _, p, o, r = ray.get(ref)
             DRIVER.received += nbytes(p, o)
@@ -332,7 +340,7 @@ class _Dispatch:
                 if not any(v[0].id == task.id for r2, v in self.inflight.items() if r2 != ref):
                     self.fail(task, f"timeout after {o.timeout * len(task.members):.3g} s")
                 self.replace(w, actor, kill=True)  # the stuck worker; its queued tasks go back to the queue
-        free = [w for w in self.ready_workers if not self.lanes[w]]
+        free = [w for w in self.ready_workers for _ in range(o.concurrency - len(self.lanes[w]))]
         if o.straggler_factor and free and len(self.pool.stats.task_seconds) >= 3 and not self.queue:
             median = statistics.median(self.pool.stats.task_seconds)
             for ref, (task, w, actor, t0) in list(self.inflight.items()):
