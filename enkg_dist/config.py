@@ -79,7 +79,9 @@ class ExternalProblem(_Model):
     truth: str | None = Field(None, description=".npy with the true field, for metrics only")
     coordinates: str | None = Field(None, description=".npy (obs_size, 2): where each output sits on the n x n "
                                     "grid (row, column, grid units): enables gaspari_cohn localisation")
-    noise_std: float = Field(0.1, gt=0)
+    noise_std: float = Field(0.1, gt=0, description="observation noise std (Gamma = noise_std^2 I)")
+    noise: NoiseSettings | None = Field(None, description="Gamma as std, variances or covariance (a .npy file); "
+                                        "when given it replaces noise_std")
     truth_seed: int = Field(0, ge=0, description="seed of the synthetic truth and noise (observation: null)")
     timeout: float | None = Field(None, gt=0, description="seconds per member run")
     max_parallel: int = Field(1, ge=1, description="programs run at once by one process (in-process backend)")

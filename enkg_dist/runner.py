@@ -196,8 +196,13 @@ def _build_external(p, pr, device: str = "cpu", denoiser=None) -> Built:
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise cfgmod.ConfigError(f"config error: problem.command: {e}") from None
     prior = make_prior(pr, p.n, device=device, denoiser=denoiser)
-    truth, y, image = plugins.observed(p, G, prior, (1, p.n, p.n), lambda z: p.noise_std * z, "the simulator")
-    problem = InverseProblem("external", G, y, NoiseCovariance.scalar(p.noise_std**2, p.obs_size), truth)
+    if p.noise is None:  # noise_std: the twin's noise noise_std * z, as before problem.noise existed
+        Gamma, color = NoiseCovariance.scalar(p.noise_std**2, p.obs_size), lambda z: p.noise_std * z
+    else:
+        Gamma = plugins.noise_covariance(p.noise, p.obs_size)
+        color = Gamma.color
+    truth, y, image = plugins.observed(p, G, prior, (1, p.n, p.n), color, "the simulator")
+    problem = InverseProblem("external", G, y, Gamma, truth)
     return Built(problem, prior, None, image)
 
 

@@ -219,3 +219,113 @@ def test_mpi_launcher_with_two_ranks_equals_one(tmp_path):
         results[ranks] = r.psi
     torch.testing.assert_close(results[2], results[1], rtol=0, atol=1e-13)
     torch.testing.assert_close(results[1], expected(x), rtol=0, atol=1e-13)
+
+
+# ---- problem.noise: Gamma from files (as linear_gaussian and python problems) ----
+
+def _external_job(tmp_path, **problem):
+    """An external-problem job on the example program (n = N, every K-th point), a synthetic twin by default."""
+    return {"problem": {"kind": "external", "command": ["{python}", "-m", "enkg_dist.problems.example_program",
+                                                        "{input}", "{output}", "--k", str(K), "--steps", str(STEPS)],
+                        "n": N, "obs_size": M, "scratch_dir": str(tmp_path / "scratch"), **problem},
+            "prior": {"kind": "gaussian"}, "output_dir": str(tmp_path / "runs")}
+
+
+def _gamma_file(tmp_path, kind: str):
+    """(problem.noise, Gamma as a numpy array): variances or a full SPD covariance, as .npy files. Half the outputs
+    have a tiny variance (std 1e-9) and the other half std about 0.3, so the twin's noise shows the covariance's
+    shape; the full one also correlates neighbours."""
+    import numpy as np
+
+    std = np.where(np.arange(M) < M // 2, 1e-9, 0.3 + 0.01 * np.arange(M))
+    if kind == "variances":
+        np.save(tmp_path / "var.npy", std**2)
+        return {"variances": str(tmp_path / "var.npy")}, np.diag(std**2)
+    i = np.arange(M)
+    corr = np.exp(-np.abs(i[:, None] - i[None, :]) / 2.0)  # exponential correlation: SPD
+    full = std[:, None] * corr * std[None, :]
+    np.save(tmp_path / "gamma.npy", full)
+    return {"covariance": str(tmp_path / "gamma.npy")}, full
+
+
+@pytest.mark.parametrize("kind", ["variances", "covariance"])
+def test_gamma_from_a_file_sets_gamma_and_the_twin_noise(tmp_path, kind):
+    """problem.noise replaces noise_std: Gamma holds the file's numbers, and the synthetic twin's noise is that
+    Gamma's colour of the twin's draws (nearly zero where the variance is tiny)."""
+    import numpy as np
+
+    from enkg_dist import config as cfgmod
+    from enkg_dist import rng, runner
+
+    noise, want = _gamma_file(tmp_path, kind)
+    built = runner.build(cfgmod.validate(_external_job(tmp_path, noise=noise, noise_std=5.0)))
+    Gamma = built.problem.Gamma
+    assert Gamma.kind == ("diagonal" if kind == "variances" else "full") and Gamma.m == M
+    torch.testing.assert_close(Gamma.dense(), torch.from_numpy(want), rtol=1e-12, atol=1e-30)
+    pb = built.problem
+    eta = pb.y - expected(pb.x_true[None])[0]  # the twin's noise
+    z = rng.member_normal(0, rng.OBS_NOISE, [0], (M,))[0]
+    torch.testing.assert_close(eta, Gamma.color(z), rtol=0, atol=1e-15)
+    assert float(eta[: M // 2].abs().max()) < 1e-8 < 0.05 < float(eta[M // 2:].abs().max())
+    if kind == "covariance":  # correlated neighbours: L z, not sqrt(diag) z
+        assert not torch.allclose(eta, z * torch.from_numpy(np.sqrt(np.diag(want))), atol=1e-6)
+
+
+def test_without_problem_noise_the_external_problem_keeps_noise_std(tmp_path):
+    """noise_std alone: Gamma = noise_std^2 I and the twin's y bit for bit as before problem.noise existed."""
+    from enkg_dist import config as cfgmod
+    from enkg_dist import rng, runner
+
+    pb = runner.build(cfgmod.validate(_external_job(tmp_path, noise_std=0.2))).problem
+    assert pb.Gamma.kind == "scalar" and float(pb.Gamma.value) == 0.2**2
+    z = rng.member_normal(0, rng.OBS_NOISE, [0], (M,))[0]
+    assert torch.equal(pb.y, expected(pb.x_true[None])[0].to(torch.float64) + 0.2 * z)
+
+
+def test_a_run_with_a_covariance_file_whitens_its_misfit_with_that_gamma(tmp_path):
+    """A whole (tiny) run: the misfit it records for the first correction is the mean of r^T Gamma^-1 r / m with
+    the file's Gamma, r the recorded outputs minus y."""
+    import numpy as np
+
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+    from enkg_dist.store import RunStore
+
+    noise, full = _gamma_file(tmp_path, "covariance")
+    full = full + np.diag(np.full(M, 1e-4))  # a misfit of order 1, not 1e18, on the tiny-variance half
+    np.save(tmp_path / "gamma.npy", full)
+    job = _external_job(tmp_path, noise=noise, noise_std=5.0)
+    job["enkg"] = {"ensemble_size": 4, "num_steps": 2, "num_corrections": 1, "guidance_start": 0.0,
+                   "guidance_end": 0.0}
+    cfg = cfgmod.validate(job)
+    y = runner.build(cfg).problem.y.numpy()  # the twin's y, as the run builds it
+    out, metrics = runner.run(cfg, progress=False)
+    assert metrics["failed_evaluations"] == 0
+    store = RunStore.open(out / runner.STORE_NAME)
+    try:
+        misfit, psi = store.read("misfit"), store.read("psi")
+    finally:
+        store.close()
+    step = int(np.flatnonzero(np.isfinite(misfit[:, 0]))[0])
+    r = psi[step, 0] - y
+    want = float(np.mean(np.einsum("jm,jm->j", r, np.linalg.solve(full, r.T).T)) / M)
+    assert misfit[step, 0] == pytest.approx(want, rel=1e-9)
+    assert misfit[step, 0] != pytest.approx(float(np.mean((r**2).sum(1))) / M / 25.0, rel=1e-3)  # not noise_std
+
+
+@pytest.mark.parametrize("noise, words", [
+    ("covariance", ["problem.noise.covariance", f"expected ({M}, {M})"]),
+    ("variances", ["problem.noise.variances", f"the observation {M}"]),
+])
+def test_gamma_of_the_wrong_size_is_one_line_naming_the_key(tmp_path, noise, words):
+    import numpy as np
+
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+
+    np.save(tmp_path / "g.npy", np.eye(M + 1) if noise == "covariance" else np.ones(M - 1))
+    with pytest.raises(cfgmod.ConfigError) as e:
+        runner.build(cfgmod.validate(_external_job(tmp_path, noise={noise: str(tmp_path / "g.npy")})))
+    text = str(e.value)
+    assert "\n" not in text.strip() and text.startswith("config error: "), text
+    assert all(w in text for w in words), (words, text)
