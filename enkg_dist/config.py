@@ -223,11 +223,11 @@ class ExecutionSettings(_Model):
     worker_cpus: float = Field(1.0, ge=0, description="CPUs reserved per simulator worker")
     worker_gpus: float = Field(0.0, ge=0, description="GPUs per simulator worker")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
-    batch_size: int | None = Field(None, ge=1, description="members per simulator call (null: all at once "
-                                   "in-process; on Ray, chosen each step from J, the workers and the measured "
     worker_concurrency: int = Field(1, ge=1, description="tasks each simulator worker runs at once, in threads "
                                     "(for simulators that wait: an external program, MPI, a remote service; "
                                     "1 for Python simulators that compute)")
+    batch_size: int | None = Field(None, ge=1, description="members per simulator call (null: all at once "
+                                   "in-process; on Ray, chosen each step from J, the workers and the measured "
                                    "member time: see distributed.pool.auto_batch_size)")
     timeout: float | None = Field(None, gt=0, description="seconds per member before it is failed (null: none)")
     straggler_factor: float | None = Field(None, gt=1, description="re-issue tasks slower than this x median")
