@@ -132,7 +132,8 @@ def summary(run_dir, verify: bool = False) -> dict:
     Keys: run_dir, store, name, method, J, num_steps, num_corrections, committed_steps, state ("finished",
     "stopped", "in progress" or "damaged"), status (one line), steps (per committed step: step, sigma, ok, failed,
     misfit, weight (lists over corrections), seconds), forward_evaluations, failures, failures_by_reason,
-    failures_by_category, failures_per_step_by_category, step_seconds, wall_seconds, created, committed_at,
+    failures_by_category, failures_per_step_by_category, step_seconds, phase_seconds (over the committed steps:
+    denoise, forward, update, store; empty for older stores), wall_seconds, created, committed_at,
     pending, stopped (stopped.json, or None), metrics (metrics.json, or None), damage (one line per bad chunk;
     `verify`: every chunk of the store is checked, else the per-step arrays and the newest ensemble).
     """
@@ -144,7 +145,7 @@ def summary(run_dir, verify: bool = False) -> dict:
     damage, bad = _damage(store_path, None if verify else SUMMARY_ARRAYS, n)
     if not verify:
         damage += _newest_ensemble_damage(store_path)
-    rows, failed_at, step_seconds, reasons = [], [], 0.0, []
+    rows, failed_at, step_seconds, reasons, phase_seconds = [], [], 0.0, [], {}
     if n:
         timing = list(ds["timing"].values)
         parts = {
@@ -154,9 +155,10 @@ def summary(run_dir, verify: bool = False) -> dict:
             "weight": _masked(ds, "weight", bad.get("weight", set()), n),
             "sigma": _masked(ds, "sigma", bad.get("sigma", set()), n),
         }
-        if "total" in timing:
-            parts["seconds"] = _masked(ds, "timings", bad.get("timings", set()), n,
-                                       lambda t: t.isel(timing=timing.index("total")))
+        for field in timing:  # total, and the phases of stores that record them (phases.PhaseClock)
+            key = "seconds" if field == "total" else f"seconds_{field}"
+            parts[key] = _masked(ds, "timings", bad.get("timings", set()), n,
+                                 lambda t, i=timing.index(field): t.isel(timing=i))
         status_good = parts["ok"][1]
         got = dask.compute({k: v[0] for k, v in parts.items()}, da.nonzero(
             (ds["status"].isel(step=list(status_good)).data == FAILED)))
@@ -176,6 +178,8 @@ def summary(run_dir, verify: bool = False) -> dict:
                                     if math.isfinite(v["weight"][s, k]) or k in run],
                          "seconds": _finite_or_none(v["seconds"][s])})
         step_seconds = float(np.nansum(v["seconds"]))
+        phase_seconds = {k[len("seconds_"):]: float(np.nansum(v[k])) for k in v if k.startswith("seconds_")
+                         and np.isfinite(v[k]).any()}
         reasons = _reasons(store_path, s_idx, k_idx, j_idx)
         failed_at = [int(s) for s in s_idx]
     by_reason = Counter(reasons)
@@ -193,7 +197,7 @@ def summary(run_dir, verify: bool = False) -> dict:
         "J": J, "num_steps": N, "num_corrections": K, "committed_steps": n, "state": state, "status": line,
         "steps": rows, "forward_evaluations": evaluations, "failures": len(reasons),
         "failures_by_reason": dict(by_reason.most_common()), "failures_by_category": dict(by_category.most_common()),
-        "failures_per_step_by_category": per_step, "step_seconds": step_seconds,
+        "failures_per_step_by_category": per_step, "step_seconds": step_seconds, "phase_seconds": phase_seconds,
         "wall_seconds": (metrics or {}).get("wall_seconds") if n == N else None,
         "created": a.get("created"), "committed_at": a.get("committed_at"), "pending": pending,
         "stopped": stopped, "metrics": metrics, "damage": damage, "verified": verify,

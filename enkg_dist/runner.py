@@ -19,6 +19,7 @@ from enkg_dist.backends import local_backend, ray_backend
 from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
+from enkg_dist.phases import PhaseClock, TimedMaps
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.priors import GaussianPrior, Prior
 from enkg_dist.problems.base import InverseProblem
@@ -461,15 +462,16 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
     store = open_store(cfg, out, built, resuming, on_ray(cfg, address))
     backend = make_backend(cfg, built, address)
     interrupt.rearm()  # ray.init replaces the SIGTERM handler
-    evaluator = RecordingEvaluator(interrupt.checked(backend.forward), cfg.execution.max_failed_fraction,
-                                   store=store)
+    clock = PhaseClock()  # where each step's time goes, recorded in the store's timings
+    evaluator = RecordingEvaluator(clock.wrap("forward", interrupt.checked(backend.forward)),
+                                   cfg.execution.max_failed_fraction, store=store)
     start, x = store.resume_state()
     start += 1
     x = None if x is None else torch.from_numpy(np.array(x)).to(device=device, dtype=dtype)
     t0 = time.perf_counter()
     try:
         loop = _run_enkg if cfg.method == "enkg" else _run_eki
-        x = loop(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress)
+        x = loop(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress, clock)
         history = _history(store)
     except (TooManyFailures, EnsembleCollapseError) as e:
         rundir.write_atomic(out / "stopped.json", json.dumps({"reason": str(e), "step": evaluator.step,
@@ -541,21 +543,27 @@ class _StepHooks:
     and the step are committed to the store (a step boundary: a safe point to stop on an interrupt), the backend
     exports its metrics, and the progress bar moves."""
 
-    def __init__(self, store, evaluator, backend, bar):
-        self.store, self.evaluator, self.backend, self.bar = store, evaluator, backend, bar
+    def __init__(self, store, evaluator, backend, bar, clock: PhaseClock):
+        self.store, self.evaluator, self.backend, self.bar, self.clock = store, evaluator, backend, bar, clock
         self.t_run = self.t_step = time.perf_counter()
+        self.handed_over = 0.0  # seconds the previous commit blocked (a full writer queue): counted in this step
 
     def before_step(self, i: int) -> None:
         self.t_step = time.perf_counter()
+        self.clock.start_step()
         self.evaluator.begin_step(i, skip_done=(i <= self.store.records_until))  # replayed from the records
 
     def _commit(self, i: int, x: torch.Tensor, sigma: float, infos) -> None:
         """Member records first, then the step (the store writes its commit marker last)."""
-        self.evaluator.wait_records()
+        with self.clock.phase("store"):
+            self.evaluator.wait_records()
+        self.clock.seconds["store"] += self.handed_over
+        t = time.perf_counter()
         self.store.commit_step(i, x.detach().cpu(), {"sigma": sigma, "misfit": [u.misfit for u in infos],
                                                      "weight": [u.weight for u in infos],
-                                                     "timings": {"total": time.perf_counter() - self.t_step}},
+                                                     "timings": self.clock.timings(t - self.t_step)},
                                copy=False)
+        self.handed_over = time.perf_counter() - t
         interrupt.check()  # a step boundary: a safe point to stop
 
     def after_enkg_step(self, rec: sampler.StepRecord) -> None:
@@ -573,7 +581,7 @@ class _StepHooks:
         self.bar.set_postfix(evals=self.evaluator.n_evals, misfit=f"{info.misfit:.3g}")
 
 
-def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
+def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress, clock):
     """EnKG from step `start` by the sampler's own loop, committing every step through the hooks."""
     e, pb = cfg.enkg, built.problem
     scfg = e.sampler_config()
@@ -581,12 +589,13 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
         x = sampler.initial_particles(cfg.seed, e.ensemble_size, pb.forward.state_shape, scfg.sigma_max, dtype)
         x = x.to(device)
     with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
-        hooks = _StepHooks(store, evaluator, backend, bar)
-        return sampler.enkg_sample(backend.denoise, evaluator, x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
+        hooks = _StepHooks(store, evaluator, backend, bar, clock)
+        maps = TimedMaps(sampler.maps_of(backend.denoise), clock)
+        return sampler.enkg_sample(maps, evaluator, x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
                                    start, built.localiser, before_step=hooks.before_step)
 
 
-def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress):
+def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress, clock):
     """Plain or Tikhonov EKI from a prior ensemble by the sampler's own loop, committing every iteration."""
     k, pb = cfg.eki, built.problem
     prior: GaussianPrior = built.prior  # build() refuses EKI with a prior that is not Gaussian
@@ -597,7 +606,7 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
     # the data-misfit controller's clock: the steps taken so far (stored as each iteration's weight)
     t = float(np.nansum(store.read("weight")[:start, 0])) if start > 0 and k.dt == "auto" else 0.0
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
-        hooks = _StepHooks(store, evaluator, backend, bar)
+        hooks = _StepHooks(store, evaluator, backend, bar, clock)
         return sampler.eki(evaluator, x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik,
                            hooks.after_eki_iteration, start, built.localiser, (k.inflation, k.inflation_factor), t,
                            before_step=hooks.before_step)

@@ -49,7 +49,9 @@ METRIC_ORDER = ("J", "rel_l2_mean", "rel_l2_particles", "rel_l2_particles_std", 
                 "forward_evaluations", "failed_evaluations", "skipped_evaluations", "resumed_from_step",
                 "wall_seconds", "method", "backend")
 # from the run store (report.summary): totals over every process that worked on the run, resumptions included
-STORE_COLUMNS = ("forward_runs", "committed_steps", "num_steps", "step_seconds_total", "step_seconds_mean")
+PHASES = ("denoise", "forward", "update", "store")  # phases.PhaseClock: step_seconds_<phase>, mean over the steps
+STORE_COLUMNS = ("forward_runs", "committed_steps", "num_steps", "step_seconds_total", "step_seconds_mean",
+                 *(f"step_seconds_{p}" for p in PHASES))
 
 
 class StudySpec(BaseModel):
@@ -208,7 +210,8 @@ def _store_columns(run_dir: Path) -> dict:
     seconds = [r["seconds"] for r in s["steps"] if r["seconds"] is not None]
     return {"forward_runs": s["forward_evaluations"], "committed_steps": s["committed_steps"],
             "num_steps": s["num_steps"], "step_seconds_total": sum(seconds) if seconds else None,
-            "step_seconds_mean": sum(seconds) / len(seconds) if seconds else None}
+            "step_seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+            **{f"step_seconds_{p}": v / len(seconds) for p, v in s["phase_seconds"].items() if seconds}}
 
 
 def collect(study_dir: str | Path) -> list[dict]:

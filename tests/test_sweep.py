@@ -27,7 +27,7 @@ study_dir: {study_dir}
 """
 # per process (or per wall clock): they differ between a point run once and one stopped and resumed
 VOLATILE = {"wall_seconds", "step_seconds_total", "step_seconds_mean", "forward_evaluations", "skipped_evaluations",
-            "resumed_from_step"}
+            "resumed_from_step", *(f"step_seconds_{p}" for p in sweep.PHASES)}
 
 
 def study_file(directory: Path, extra: str = "") -> Path:

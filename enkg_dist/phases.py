@@ -1,0 +1,61 @@
+"""Where a step's time goes: seconds in the prior (x_hat0 maps and predictor), in the forward runs (dispatch,
+simulators, gather), in the run store (waiting for member records, handing the step to the writer), and the rest
+(the Kalman update, localisation, inflation: the driver's own maths). Recorded per step in the store's `timings`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from enkg_dist.sampler import DenoiserMaps
+
+
+class PhaseClock:
+    """Seconds per phase since `start_step`; `timings(total)` gives the step's row (update = total - the others)."""
+
+    PHASES = ("denoise", "forward", "store")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    def start_step(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        """fn, its calls counted in phase `name`."""
+
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def timings(self, total: float) -> dict[str, float]:
+        """The step's row: total, each phase, and update = what the phases leave of the total."""
+        s = self.seconds
+        return {"total": total, **s, "update": max(0.0, total - sum(s.values()))}
+
+
+class TimedMaps(DenoiserMaps):
+    """A step's prior computations (another DenoiserMaps, local or remote) with their time counted as 'denoise'."""
+
+    def __init__(self, inner: DenoiserMaps, clock: PhaseClock):
+        super().__init__(inner.denoise)
+        self.inner, self.clock = inner, clock
+
+    def x_hat_map(self, x, sigma, n_ode, sigma_min, rho):
+        with self.clock.phase("denoise"):
+            return self.inner.x_hat_map(x, sigma, n_ode, sigma_min, rho)
+
+    def predict(self, x, sigma, sigma_next, method):
+        with self.clock.phase("denoise"):
+            return self.inner.predict(x, sigma, sigma_next, method)
