@@ -302,9 +302,10 @@ class _Dispatch:
         self.pool.stats.task_seconds.append(seconds)
         self.pool.stats.member_seconds.append(seconds / len(task.members))
         self.finish(task, p, o, r)
-        for other, (t2, w2, a2, _) in list(self.inflight.items()):
-            if t2.id == task.id:  # the losing straggler copy: stop it by restarting its worker
-                self.replace(w2, a2, kill=True)
+        if task.copies:
+            for other, (t2, w2, a2, _) in list(self.inflight.items()):
+                if t2.id == task.id:  # the losing straggler copy: stop it by restarting its worker
+                    self.replace(w2, a2, kill=True)
 
     def run(self) -> None:
         waiting_since = time.monotonic()
@@ -330,24 +331,27 @@ class _Dispatch:
             self.check_time()
 
     def check_time(self) -> None:
-        """Timeouts (fail members, kill and replace the worker) and straggler re-issue."""
+        """Timeouts (fail members, kill and replace the worker) and straggler re-issue; nothing to scan (the
+        driver's time per member stays flat at thousands of tasks in flight) when neither is configured."""
         now, o = time.monotonic(), self.o
-        for ref, (task, w, actor, t0) in list(self.inflight.items()):
-            if ref not in self.inflight or task.id in self.done:
-                continue
-            if o.timeout is not None and now - t0 > o.timeout * len(task.members):
-                self.pool.stats.timeouts += 1
-                if not any(v[0].id == task.id for r2, v in self.inflight.items() if r2 != ref):
-                    self.fail(task, f"timeout after {o.timeout * len(task.members):.3g} s")
-                self.replace(w, actor, kill=True)  # the stuck worker; its queued tasks go back to the queue
-        free = [w for w in self.ready_workers for _ in range(o.concurrency - len(self.lanes[w]))]
-        if o.straggler_factor and free and len(self.pool.stats.task_seconds) >= 3 and not self.queue:
-            median = statistics.median(self.pool.stats.task_seconds)
+        if o.timeout is not None:
             for ref, (task, w, actor, t0) in list(self.inflight.items()):
-                if free and task.id not in self.done and task.copies == 0 and now - t0 > o.straggler_factor * median:
-                    task.copies += 1
-                    self.pool.stats.reissued += 1
-                    self.submit(task, free.pop())
+                if ref not in self.inflight or task.id in self.done:
+                    continue
+                if now - t0 > o.timeout * len(task.members):
+                    self.pool.stats.timeouts += 1
+                    if not any(v[0].id == task.id for r2, v in self.inflight.items() if r2 != ref):
+                        self.fail(task, f"timeout after {o.timeout * len(task.members):.3g} s")
+                    self.replace(w, actor, kill=True)  # the stuck worker; its queued tasks go back to the queue
+        if not o.straggler_factor or self.queue or len(self.pool.stats.task_seconds) < 3:
+            return
+        free = [w for w in self.ready_workers for _ in range(o.concurrency - len(self.lanes[w]))]
+        median = statistics.median(self.pool.stats.task_seconds)
+        for ref, (task, w, actor, t0) in list(self.inflight.items()):
+            if free and task.id not in self.done and task.copies == 0 and now - t0 > o.straggler_factor * median:
+                task.copies += 1
+                self.pool.stats.reissued += 1
+                self.submit(task, free.pop())
 
 
 def answered(refs: list, timeout: float) -> list:
