@@ -463,8 +463,8 @@ def _run(cfg: cfgmod.RunConfig, rd: rundir.RunDirectory, built: Built, device, d
     backend = make_backend(cfg, built, address)
     interrupt.rearm()  # ray.init replaces the SIGTERM handler
     clock = PhaseClock()  # where each step's time goes, recorded in the store's timings
-    evaluator = RecordingEvaluator(clock.wrap("forward", interrupt.checked(backend.forward)),
-                                   cfg.execution.max_failed_fraction, store=store)
+    evaluator = RecordingEvaluator(interrupt.checked(backend.forward), cfg.execution.max_failed_fraction,
+                                   store=store)
     start, x = store.resume_state()
     start += 1
     x = None if x is None else torch.from_numpy(np.array(x)).to(device=device, dtype=dtype)
@@ -591,7 +591,7 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
     with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
         hooks = _StepHooks(store, evaluator, backend, bar, clock)
         maps = TimedMaps(sampler.maps_of(backend.denoise), clock)
-        return sampler.enkg_sample(maps, evaluator, x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
+        return sampler.enkg_sample(maps, clock.wrap("forward", evaluator), x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
                                    start, built.localiser, before_step=hooks.before_step)
 
 
@@ -607,6 +607,6 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
     t = float(np.nansum(store.read("weight")[:start, 0])) if start > 0 and k.dt == "auto" else 0.0
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
         hooks = _StepHooks(store, evaluator, backend, bar, clock)
-        return sampler.eki(evaluator, x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik,
+        return sampler.eki(clock.wrap("forward", evaluator), x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik,
                            hooks.after_eki_iteration, start, built.localiser, (k.inflation, k.inflation_factor), t,
                            before_step=hooks.before_step)
