@@ -18,6 +18,8 @@ RUNS = [
     ["bench_launch.py"],
     ["bench_thread_budget.py"],
     ["bench_kalman_scale.py", "--J", "1024", "2048"],
+    ["bench_emulated_cluster.py", "--slots", "32,128,512"],
+    ["cost_model.py"],
 ]
 
 if __name__ == "__main__":
