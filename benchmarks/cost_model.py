@@ -3,8 +3,10 @@
 Per step i (K corrections inside the guidance window, n_ode(i) inner ODE steps, J members, W simulator slots,
 P prior actors, state size d, observation size m):
 
-    denoise_i = E_i J t_D(d) / P              E_i = K n_ode(i) [guided] + predictor evaluations (2 Heun, 1 last)
-    forward_i = K (ceil(J / W) t_G + c_0 + J c_d)     [guided]; in-process: K J t_G (one batched call)
+    denoise_i = E_i J t_D(d) / P + c_p (1 + K [guided])    E_i = K n_ode(i) [guided] + predictor evaluations
+                                                      (2 Heun, 1 last); c_p: a call to Ray prior actors (0 locally)
+    forward_i = K (ceil(J / W) t_G + c_0 + J c_d + J r)   [guided]; in-process: K J (t_G + r) (one batched call);
+                                                      r: recording a member's output in the run store
     update_i  = c_s + K (a J (d + m) + (4 J^2 m + 2 J^2 d) / R)   [guided]; the J x J update: two Gram products and
                                                       the move (GEMM), the element-wise passes over X and Psi, and
                                                       the loop's own per-step cost c_s
@@ -14,7 +16,8 @@ with constants measured in isolation, in this process, before the runs: t_D(d) (
 evaluation of the x_hat0 map, ODE arithmetic included, at the run's size and batch), t_G (simulator seconds per
 member), c_0 + J c_d (the Ray pool's wall time per evaluate over the simulator's own, zero-cost simulator, J = 64 and
 1024), a and R (kalman.enkg_update timed at J = 256 and 1024 on 64^2, solved for the two), c_s (the mean step
-of a run of 4 members on 8^2, where nothing else costs). Each measured run records
+of a run of 4 members on 8^2, where nothing else costs), r (run-store records of J members at once), c_p (a
+Ray prior call over the same call in this process). Each measured run records
 its phases (denoise, forward, update, store: phases.PhaseClock) in its store; the table prints model against
 measurement and the error per phase. Then the same formulas, with this machine's constants or stated assumptions where a part
 cannot be measured here (GPU denoiser rate), give the paper's problem (128^2, m = 64^2) at J = 10^4 on 1,000 GPUs
@@ -85,6 +88,41 @@ def simulator_seconds(built, J: int, dtype) -> float:
     return best_of(lambda: built.problem.forward(x), 2) / J
 
 
+def record_seconds(J: int, state_shape, m: int) -> float:
+    """r: seconds per member to record J members' outputs in the run store, arriving at once (what the in-process
+    evaluator hands the recorder each correction)."""
+    from enkg_dist.store import RunStore
+
+    with tempfile.TemporaryDirectory() as d:
+        store = RunStore.create(os.path.join(d, "r.zarr"), config={}, config_yaml="", J=J, state_shape=state_shape,
+                                obs_size=m, num_steps=4, num_corrections=1)
+        psi, ok = np.random.rand(J, m), np.ones(J, bool)
+        times = []
+        for step in range(4):
+            t0 = time.perf_counter()
+            store.record_members(step, 0, list(range(J)), psi, ok)
+            times.append(time.perf_counter() - t0)
+        store.close()
+    return float(np.median(times)) / J
+
+
+def prior_overhead(built, J: int, dtype) -> float:
+    """c_p: seconds a step's prior call costs more on a Ray prior actor than in this process (the particles out, the
+    shape back, x_hat0 kept in the object store), at batch J with one inner ODE step."""
+    from enkg_dist.distributed import cluster
+    from enkg_dist.distributed.prior import RemotePrior
+    from enkg_dist.sampler import DenoiserMaps
+
+    cluster.connect(None, num_cpus=4)
+    remote = RemotePrior(built.prior, 1, 0.0, num_cpus=0, device="cpu", keep_x_hat=True, threads=1)
+    x = torch.randn(J, *built.problem.forward.state_shape, dtype=dtype)
+    local = DenoiserMaps(built.prior.denoise)
+    t_remote = best_of(lambda: remote.x_hat_map(x, 5.0, 1, 0.002, 7.0).shape)
+    t_local = best_of(lambda: local.x_hat_map(x, 5.0, 1, 0.002, 7.0))
+    remote.shutdown()
+    return max(t_remote - t_local, 0.0)
+
+
 def pool_overhead(W: int, concurrency: int, batch_size: int | None = None) -> tuple[float, float]:
     """c_0, c_d: the Ray pool's wall time per evaluate = c_0 + J c_d with a zero-cost simulator (None: auto
     batching)."""
@@ -128,9 +166,9 @@ def model(cfg, c: dict) -> dict:
     out = dict.fromkeys(("denoise", "forward", "update"), 0.0)
     for guided, _, E in step_counts(e)[1:]:  # step 0 holds the start-up of Ray's actors: left out of both
         out["update"] += c["c_s"]
-        out["denoise"] += E * J * c["t_D"] / (P if on_ray else 1)
+        out["denoise"] += E * J * c["t_D"] / (P if on_ray else 1) + (c["c_p"] * (1 + K * guided) if on_ray else 0)
         if guided:
-            fwd = math.ceil(J / W) * c["t_G"] + c["c_0"] + J * c["c_d"] if on_ray else J * c["t_G"]
+            fwd = (math.ceil(J / W) * c["t_G"] + c["c_0"] + J * c["c_d"] if on_ray else J * c["t_G"]) + J * c["r"]
             out["forward"] += K * fwd
             out["update"] += K * (c["a"] * J * (d + m) + (4 * J * J * m + 2 * J * J * d) / c["R"])
     out["total"] = sum(out.values())
@@ -188,6 +226,8 @@ def check(points, tmp: str) -> list[float]:
              "c_d": 0.0, "c_s": c_s}
         # runner.build wrapped the forward model in the chaos settings: a sleeping member's time
         c["t_G"] = simulator_seconds(built, 8 if cfg.chaos else J, dtype)
+        c["r"] = record_seconds(J, built.problem.forward.state_shape, c["m"])
+        c["c_p"] = prior_overhead(built, J, dtype) if cfg.execution.backend == "ray" else 0.0
         if cfg.execution.backend == "ray":
             key = (cfg.execution.num_workers, cfg.execution.worker_concurrency)
             if key not in pool_consts:
@@ -204,7 +244,7 @@ def check(points, tmp: str) -> list[float]:
             print(f"| {label} | {phase} | {'-' if p is None else f'{p:.3f}'} | {got[phase]:.3f} | "
                   f"{'-' if err is None else f'{err:+.0%}'} |", flush=True)
         print(f"|  | constants | t_D {c['t_D'] * 1e6:.1f} us, t_G {c['t_G'] * 1e3:.2f} ms, c_0 {c['c_0'] * 1e3:.1f} "
-              f"ms, c_d {c['c_d'] * 1e3:.3f} ms | | |", flush=True)
+              f"ms, c_d {c['c_d'] * 1e3:.3f} ms, r {c['r'] * 1e3:.3f} ms, c_p {c['c_p'] * 1e3:.1f} ms | | |", flush=True)
     return errors
 
 
