@@ -174,6 +174,19 @@ def test_member_blocks_arrive_in_any_order_and_a_new_process_adds_to_them(tmp_pa
         RunStore.open(path, "a").record_members(1, 0, [0, 1], np.zeros((2, M + 1)), [True, True])
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_the_blocks_on_disk_are_listed_not_read(tmp_path, two_member_blocks, where):
+    from enkg_dist.store.records import chunks_on_disk
+
+    path = tmp_path / "run.zarr" if where == "local" else f"memory://listing-{tmp_path.name}/run.zarr"
+    with make(path) as store:
+        status = store.array("status")
+        assert chunks_on_disk(status, 0, 1) == set()
+        store.record_members(0, 1, [5, 0], [psi_for(0, 1, 5), psi_for(0, 1, 0)], [True, True])
+        assert chunks_on_disk(status, 0, 1) == {0, 2} and chunks_on_disk(status, 0, 0) == set()
+        assert chunks_on_disk(status, 1, 1) == set()
+
+
 def test_a_damaged_member_block_is_run_again_and_rewritten_whole(tmp_path, two_member_blocks):
     path = tmp_path / "run.zarr"
     with make(path) as store:

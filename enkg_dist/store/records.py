@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from enkg_dist.evaluation import finite_rows, judged
 from enkg_dist.store.layout import FAILED, NOT_RUN, OK, set_all, to_numpy
@@ -25,6 +26,7 @@ class MemberRecords:
                  check_writable: Callable[[int], None], raise_error: Callable[[], None]):
         self._psi, self._status, self._reason, self.J = psi, status, reason, J
         self._check_writable, self._raise_error = check_writable, raise_error
+        self._on_disk: set[int] | None = None  # member blocks of the cached (step, k) with a status chunk
         self._lock = threading.Lock()
         self._blocks_of: tuple[int, int] | None = None  # the (step, k) whose member blocks are cached
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -63,15 +65,18 @@ class MemberRecords:
     def _cached_block(self, step: int, k: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(psi rows, status) of member block b of (step, k): kept in memory while (step, k) records, read once."""
         if self._blocks_of != (step, k):
-            self._blocks_of, self._blocks = (step, k), {}
+            # one listing instead of a read per block: blocks without a status chunk hold no record (status is
+            # written after psi, and a psi without its status marker is not a record)
+            self._blocks_of, self._blocks, self._on_disk = (step, k), {}, chunks_on_disk(self._status, step, k)
         if b not in self._blocks:
             P, S = self._psi, self._status
+            size = min(S.chunks[2], self.J - b * S.chunks[2])
+            empty = (np.full((size, P.shape[-1]), P.fill_value, dtype=P.dtype), np.full(size, NOT_RUN, dtype=np.int8))
             try:
-                self._blocks[b] = (P.blocks[step, k, b][0, 0], S.blocks[step, k, b][0, 0])
+                listed_empty = self._on_disk is not None and b not in self._on_disk
+                self._blocks[b] = empty if listed_empty else (P.blocks[step, k, b][0, 0], S.blocks[step, k, b][0, 0])
             except Exception:  # a damaged block was not counted as done on resume: all its members run again
-                size = min(S.chunks[2], self.J - b * S.chunks[2])
-                self._blocks[b] = (np.full((size, P.shape[-1]), P.fill_value, dtype=P.dtype),
-                                   np.full(size, NOT_RUN, dtype=np.int8))
+                self._blocks[b] = empty
         return self._blocks[b]
 
     def _reason_block(self, step: int, k: int, b: int, failed: list[tuple[int, str]]) -> np.ndarray:
@@ -111,3 +116,21 @@ class MemberRecords:
                     continue  # a marker without its output (NaN is the fill value; never written in this order)
                 out[b * B + int(r)] = (psi[r], not failed, (str(reason[r]) or None) if failed else None)
         return out
+
+
+def chunks_on_disk(arr: zarr.Array, step: int, k: int) -> set[int] | None:
+    """Member-block indices of (step, k) that have a chunk in `arr` (one directory listing), or None where the
+    store cannot list (then every block is read)."""
+    sp = arr.store_path
+    if not sp.store.supports_listing:
+        return None
+    prefix = arr.metadata.encode_chunk_key((step, k, 0)).rsplit("/", 1)[0]
+    prefix = f"{sp.path}/{prefix}" if sp.path else prefix
+
+    async def names():
+        return [name async for name in sp.store.list_dir(prefix)]
+
+    try:
+        return {int(n) for n in sync(names()) if n.isdigit()}
+    except (OSError, ValueError, NotImplementedError):
+        return None
