@@ -11,10 +11,11 @@ Usage: python benchmarks/bench_ray_dispatch.py [--workers 1,2,4,8,16,32] [--J 25
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
 import torch
+
+from timing import best_of
 
 from enkg_dist.distributed import cluster
 from enkg_dist.distributed.pool import PoolOptions, WorkerPool
@@ -22,15 +23,6 @@ from enkg_dist.problems.base import safe_evaluate
 from enkg_dist.problems.chaos import ChaosForward
 from enkg_dist.problems.linear_gaussian import SubsampleBlur
 
-
-def timed(fn, repeats=3):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -48,7 +40,7 @@ def main():
     slow = ChaosForward(SubsampleBlur(16, 2), fail_rate=0.0, delay=args.sleep)
     free = SubsampleBlur(16, 2)
 
-    t_local_slow = timed(lambda: safe_evaluate(slow, x[:32]), 1) * J / 32
+    t_local_slow = best_of(lambda: safe_evaluate(slow, x[:32]), 1) * J / 32
     print(f"in-process loop, {args.sleep * 1e3:.0f} ms simulator: {t_local_slow:.2f} s for J={J} (extrapolated "
           f"from 32 members)")
     print("| workers W | members per task | ideal (s) | measured (s) | parallel efficiency | speed-up vs in-process |")
@@ -58,21 +50,21 @@ def main():
         pool.wait_ready()  # worker start-up (W processes importing torch on 2 cores) is not dispatch overhead
         for bs in batches:
             pool.options = replace(pool.options, batch_size=bs)
-            t = timed(lambda: pool.evaluate(x), 2)
+            t = best_of(lambda: pool.evaluate(x), 2)
             ideal = J * args.sleep / W
             label = f"auto ({pool.stats.batch_sizes[-1]})" if bs is None else bs
             print(f"| {W} | {label} | {ideal:.2f} | {t:.2f} | {ideal / t:.3f} | {t_local_slow / t:.1f}x |",
                   flush=True)
         pool.shutdown()
 
-    t_local = timed(lambda: [safe_evaluate(free, x[i : i + 1]) for i in range(J)])
+    t_local = best_of(lambda: [safe_evaluate(free, x[i : i + 1]) for i in range(J)])
     print(f"\nzero-cost simulator, J={J}, member by member: in-process {t_local / J * 1e3:.3f} ms/member")
     print("| workers W | batch | pool time (s) | per-member dispatch overhead (ms) |")
     print("|---|---|---|---|")
     for W, bs in [(1, 1), (2, 1), (4, 1), (2, 8), (4, 16)]:
         pool = WorkerPool(free, free.obs_size, PoolOptions(num_workers=W, num_cpus=1, batch_size=bs))
         pool.wait_ready()
-        t = timed(lambda: pool.evaluate(x))
+        t = best_of(lambda: pool.evaluate(x))
         print(f"| {W} | {bs} | {t:.3f} | {(t - t_local) / J * 1e3:.3f} |", flush=True)
         pool.shutdown()
     cluster.disconnect()

@@ -38,18 +38,11 @@ import numpy as np
 import torch
 import zarr
 
+from timing import best_of
+
 from enkg_dist import config as cfgmod
 from enkg_dist import runner, schedules, threads
 
-
-def best_of(fn, repeats=3) -> float:
-    fn()
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def gemm_rate(dtype: torch.dtype, J: int = 1024, n: int = 4096) -> float:

@@ -11,10 +11,13 @@ from contextlib import contextmanager
 from enkg_dist.sampler import DenoiserMaps
 
 
+PHASES = ("denoise", "forward", "update", "store")  # a step's row besides its total (the store's timing fields)
+
+
 class PhaseClock:
     """Seconds per phase since `start_step`; `timings(total)` gives the step's row (update = total - the others)."""
 
-    PHASES = ("denoise", "forward", "store")
+    PHASES = tuple(p for p in PHASES if p != "update")  # the ones timed; update is what they leave
 
     def __init__(self):
         self.seconds = dict.fromkeys(self.PHASES, 0.0)

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from enkg_dist import config as cfgmod
 from enkg_dist import interrupt, rundir, schema
+from enkg_dist.phases import PHASES  # step_seconds_<phase>: mean over the steps
 from enkg_dist.schema import ConfigError
 
 STUDY_FILE, POINT_FILE, FAILED_FILE, TABLE_FILE = "study.json", "point.json", "failed.json", "results.csv"
@@ -49,7 +50,6 @@ METRIC_ORDER = ("J", "rel_l2_mean", "rel_l2_particles", "rel_l2_particles_std", 
                 "forward_evaluations", "failed_evaluations", "skipped_evaluations", "resumed_from_step",
                 "wall_seconds", "method", "backend")
 # from the run store (report.summary): totals over every process that worked on the run, resumptions included
-PHASES = ("denoise", "forward", "update", "store")  # phases.PhaseClock: step_seconds_<phase>, mean over the steps
 STORE_COLUMNS = ("forward_runs", "committed_steps", "num_steps", "step_seconds_total", "step_seconds_mean",
                  *(f"step_seconds_{p}" for p in PHASES))
 

@@ -252,8 +252,11 @@ class _Dispatch:
 
     def fill(self) -> None:
         """Queue tasks on ready workers round by round: every worker gets one before any gets a second."""
+        ready = sorted(self.ready_workers)
         for level in range(1, self.o.depth * self.o.concurrency + 1):
-            for w in sorted(self.ready_workers):
+            if not self.queue:  # the loop wakes often with nothing queued: no pass over every level and worker
+                return
+            for w in ready:
                 while self.queue and len(self.lanes[w]) < level:
                     task = self.queue.popleft()
                     if task.id not in self.done:
