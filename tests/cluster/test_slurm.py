@@ -67,10 +67,17 @@ def _which(name: str) -> str | None:
 
 
 def _free_port() -> int:
-    """A TCP port free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now, below the kernel's ephemeral range (so no outgoing connection takes it before the
+    job binds it) and above Ray's worker ports (10002-19999)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = 20000 + secrets.randbelow(max(low - 20000, 1000))
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
 
 
 def _slurm_conf(root: Path, cluster: str, ports: tuple[int, int]) -> str:
@@ -300,6 +307,22 @@ def test_sbatch_runs_the_template_end_to_end(slurm, reference, tmp_path):
           f"  the job started {w.started:.1f} s after sbatch; first forward evaluation {w.first_eval:.1f} s vs "
           f"{local.first_eval:.1f} s (overhead {w.first_eval - local.first_eval:.1f} s); first committed step "
           f"{w.first_commit:.1f} s vs {local.first_commit:.1f} s; whole job {total:.1f} s vs {local_total:.1f} s")
+
+
+@pytest.mark.cluster
+def test_a_job_whose_ray_cannot_start_fails_instead_of_reporting_finished(slurm, tmp_path):
+    script, run_dir, _ = _job_script(tmp_path)
+    port = int(re.search(r"^RAY_PORT=(\d+)", script.read_text(), re.M).group(1))
+    with socket.socket() as held:  # Ray's head port taken: `ray start` fails and symmetric-run still exits 0
+        held.bind(("0.0.0.0", port))
+        held.listen()
+        p, job_id = _submit(slurm, script)
+        p.wait(timeout=300)
+    out = _slurm_log(tmp_path, job_id)
+    assert p.returncode != 0, out[-3000:]
+    assert "the driver never ran" in out and "finished" not in out, out[-3000:]
+    assert not (run_dir / "metrics.json").exists()
+    _assert_nothing_left(slurm, job_id)
 
 
 @pytest.mark.cluster
