@@ -21,7 +21,7 @@ from enkg_dist.priors.unet import EDMDenoiser
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}
 # shipped checkpoints in enkg_dist/assets (README "The learned prior": how each was trained): ns32 on Re = 200 data,
 # ns32_re100 (the default job's) on Re = 100 data, both 32x32
-BUILTIN = {"ns32": "ns32_prior.pt", "ns32_re100": "ns32_re100_prior.pt"}
+BUILTIN = {"ns32": "ns32_prior.pt", "ns32_re100": "ns32_re100_prior.pt", "ns64": "ns64_prior.pt"}
 
 
 def checkpoint_path(spec: str) -> Path:
