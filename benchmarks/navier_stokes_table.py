@@ -58,7 +58,8 @@ def base(a, J: int, truth: int) -> list[str]:
              else ["prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}"])
     return [f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
             f"truth_seed: {truth}, member_chunk: null}}", *prior, f"enkg.ensemble_size={J}",
-            f"enkg.num_steps={a.N}", f"enkg.num_corrections={a.K}", "output_dir=/tmp/unused", f"seed={truth}"]
+            f"enkg.num_steps={a.N}", f"enkg.num_corrections={a.K}", "output_dir=/tmp/unused", f"seed={truth}",
+            f"name=navier-stokes-{a.n}-k{a.k}-noise{a.noise:g}"]
 
 
 def run_dps(cfg, a) -> dict:
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--eki-iterations", type=int, default=34, help="EKI iterations (its budget: J x iterations)")
     ap.add_argument("--dps-scale", type=float, default=1.0, help="DPS zeta (data units; measured: 1 fits, 5 diverges)")
     ap.add_argument("--truths", default="0,1")
-    ap.add_argument("--methods", default="all", help="comma-separated indices into the method list, or all")
+    ap.add_argument("--methods", default="all", help="comma-separated indices into the method list, all, or none (--curve only)")
     ap.add_argument("--curve", default="", help="ensemble sizes for the accuracy-vs-forward-runs figure")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append one JSON line per run")
@@ -120,7 +121,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     truths = [int(t) for t in a.truths.split(",")]
     table = methods(a)
-    chosen = list(table) if a.methods == "all" else [list(table)[int(i)] for i in a.methods.split(",")]
+    chosen = (list(table) if a.methods == "all" else [] if a.methods == "none"
+              else [list(table)[int(i)] for i in a.methods.split(",")])
     print(f"Navier-Stokes {a.n}², k = {a.k}, T = {a.T}, Re = {a.Re}, noise {a.noise}, prior {a.prior}, J = {a.J}, "
           f"N = {a.N}, K = {a.K}, truths {truths}; {a.threads} thread(s), load {os.getloadavg()[0]:.1f} at start")
     print("| method | rel. L2 of mean | of particles | spread-skill | CRPS | forward runs | s per run |")
