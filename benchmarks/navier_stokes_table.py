@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--truths", default="0,1")
     ap.add_argument("--methods", default="all", help="comma-separated indices into the method list, all, or none (--curve only)")
     ap.add_argument("--curve", default="", help="ensemble sizes for the accuracy-vs-forward-runs figure")
+    ap.add_argument("--curve-methods", default="0,2", help="indices of the methods the curve runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append one JSON line per run")
     ap.add_argument("--out", default="ns_table", help="folder for the figure")
@@ -149,32 +150,49 @@ def main() -> None:
 
 
 def curve(a, truths, tmp: Path, table: dict) -> None:
-    """Accuracy against forward runs over ensemble sizes, EnKG as the authors run it and localised (a figure)."""
+    """Accuracy against forward runs over ensemble sizes for the --curve-methods (one JSON line per point with
+    --json), then the figure of every curve point in --json (so curves run in several processes end in one figure)."""
+    points = []
+    for label in [list(table)[int(i)] for i in a.curve_methods.split(",")]:
+        for J in [int(j) for j in a.curve.split(",")]:
+            ms = [one(a, label, table[label], J, t, tmp) for t in truths]
+            p = {"curve": label, "J": J, "truths": truths, "forward_evaluations": float(np.mean(
+                 [m["forward_evaluations"] for m in ms])), **{k: float(np.mean([m[k] for m in ms])) for k in
+                 ("rel_l2_mean", "rel_l2_particles", "spread_skill", "crps", "wall_seconds")}}
+            points.append(p)
+            print(f"curve | {label} | J = {J} | {p['rel_l2_mean']:.3f} | {p['spread_skill']:.2f} | "
+                  f"{int(p['forward_evaluations']):,} |", flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps({"args": vars(a), **p}) + "\n")
+    if a.json:
+        points = [r for r in map(json.loads, Path(a.json).read_text().splitlines()) if "curve" in r]
+    curve_figure(points, f"NS {a.n}², k = {a.k}, noise {a.noise:g}: accuracy against forward runs", Path(a.out))
+
+
+def curve_figure(points: list[dict], title: str, out: Path) -> None:
+    """Relative L2 of the mean (and spread-skill) against forward runs, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [list(table)[0], list(table)[2]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label in labels:
-        xs, ys = [], []
-        for J in [int(j) for j in a.curve.split(",")]:
-            ms = [one(a, label, table[label], J, t, tmp) for t in truths]
-            xs.append(np.mean([m["forward_evaluations"] for m in ms]))
-            ys.append(np.mean([m["rel_l2_mean"] for m in ms]))
-            print(f"curve | {label} | J = {J} | {ys[-1]:.3f} | {int(xs[-1]):,} |", flush=True)
-        ax.plot(xs, ys, "o-", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("forward runs")
-    ax.set_ylabel("relative L2 of the ensemble mean")
-    ax.set_title(f"NS {a.n}², k = {a.k}: accuracy against forward runs")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in dict.fromkeys(p["curve"] for p in points):
+        ps = sorted((p for p in points if p["curve"] == label), key=lambda p: p["J"])
+        xs = [p["forward_evaluations"] for p in ps]
+        ax.plot(xs, [p["rel_l2_mean"] for p in ps], "o-", label=label)
+        ax2.plot(xs, [p["spread_skill"] for p in ps], "o-", label=label)
+        for p in ps:
+            ax.annotate(f"J={p['J']}", (p["forward_evaluations"], p["rel_l2_mean"]), fontsize=6)
+    ax.set(xscale="log", xlabel="forward runs", ylabel="relative L2 of the ensemble mean", title=title)
+    ax2.axhline(1.0, color="k", ls=":", lw=1)
+    ax2.set(xscale="log", yscale="log", xlabel="forward runs", ylabel="spread / skill", title="spread-skill (1: calibrated)")
     ax.legend(fontsize=7)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(Path(a.out) / "accuracy_vs_forward_runs.png", dpi=120)
-    print(f"figure: {Path(a.out) / 'accuracy_vs_forward_runs.png'}")
-
+    fig.savefig(out / "accuracy_vs_forward_runs.png", dpi=120)
+    print(f"figure: {out / 'accuracy_vs_forward_runs.png'}")
 
 if __name__ == "__main__":
     main()
