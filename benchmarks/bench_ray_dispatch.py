@@ -24,7 +24,6 @@ from enkg_dist.problems.chaos import ChaosForward
 from enkg_dist.problems.linear_gaussian import SubsampleBlur
 
 
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", default="1,2,4,8,16,32")

@@ -44,7 +44,6 @@ from enkg_dist import config as cfgmod
 from enkg_dist import runner, schedules, threads
 
 
-
 def gemm_rate(dtype: torch.dtype, J: int = 1024, n: int = 4096) -> float:
     """Flop/s of a (J x J) @ (J x n) product, the shape of the update's move."""
     a, b = torch.randn(J, J, dtype=dtype), torch.randn(J, n, dtype=dtype)

@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--eki-iterations", type=int, default=34, help="EKI iterations (its budget: J x iterations)")
     ap.add_argument("--dps-scale", type=float, default=1.0, help="DPS zeta (data units; measured: 1 fits, 5 diverges)")
     ap.add_argument("--truths", default="0,1")
-    ap.add_argument("--methods", default="all", help="comma-separated indices into the method list, all, or none (--curve only)")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated indices into the method list, all, or none (--curve only)")
     ap.add_argument("--curve", default="", help="ensemble sizes for the accuracy-vs-forward-runs figure")
     ap.add_argument("--curve-methods", default="0,2", help="indices of the methods the curve runs")
     ap.add_argument("--threads", type=int, default=1)
@@ -187,12 +188,14 @@ def curve_figure(points: list[dict], title: str, out: Path) -> None:
             ax.annotate(f"J={p['J']}", (p["forward_evaluations"], p["rel_l2_mean"]), fontsize=6)
     ax.set(xscale="log", xlabel="forward runs", ylabel="relative L2 of the ensemble mean", title=title)
     ax2.axhline(1.0, color="k", ls=":", lw=1)
-    ax2.set(xscale="log", yscale="log", xlabel="forward runs", ylabel="spread / skill", title="spread-skill (1: calibrated)")
+    ax2.set(xscale="log", yscale="log", xlabel="forward runs", ylabel="spread / skill",
+            title="spread-skill (1: calibrated)")
     ax.legend(fontsize=7)
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_forward_runs.png", dpi=120)
     print(f"figure: {out / 'accuracy_vs_forward_runs.png'}")
+
 
 if __name__ == "__main__":
     main()

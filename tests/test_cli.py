@@ -46,7 +46,8 @@ def test_dry_run_and_errors(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
 
 
-@pytest.mark.parametrize("job", ["jobs/linear_gaussian_32.yaml", "jobs/navier_stokes_32.yaml", "jobs/navier_stokes_64.yaml"])
+@pytest.mark.parametrize("job", ["jobs/linear_gaussian_32.yaml", "jobs/navier_stokes_32.yaml",
+                                 "jobs/navier_stokes_64.yaml"])
 def test_shipped_jobs_validate(job):
     import pathlib
 

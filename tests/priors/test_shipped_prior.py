@@ -11,15 +11,21 @@ from enkg_dist.priors.gaussian import GaussianFieldPrior
 from enkg_dist.priors.learned import LearnedPrior
 
 
-@pytest.fixture(scope="module")
-def ns_fields(tmp_path_factory):
-    """Fresh NS fields from our generator with another seed than the shipped prior's data (seed 0): never seen."""
+def _fresh_fields(tmp_path_factory, n: int, fit: int, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, heldout) NS fields (Re = 200) from our generator with another seed than the shipped priors' data (seed
+    0): never seen by them."""
     from enkg_dist.data import generate_dataset, open_dataset
 
-    path = tmp_path_factory.mktemp("ns") / "ns32.zarr"
-    generate_dataset(path, n=32, splits={"fit": 64, "heldout": 16}, seed=7, batch=16, progress=False, threads=1)
+    path = tmp_path_factory.mktemp("ns") / f"ns{n}.zarr"
+    generate_dataset(path, n=n, splits={"fit": fit, "heldout": heldout}, seed=7, batch=heldout, progress=False,
+                     threads=1)
     as_t = lambda s: torch.from_numpy(np.asarray(open_dataset(path, s))).to(torch.float64)  # noqa: E731
     return as_t("fit"), as_t("heldout")
+
+
+@pytest.fixture(scope="module")
+def ns_fields(tmp_path_factory):
+    return _fresh_fields(tmp_path_factory, 32, 64, 16)
 
 
 def test_builtin_checkpoint_loads_with_its_config():
@@ -48,13 +54,7 @@ def test_shipped_denoiser_beats_identity_and_fitted_gaussian_at_mid_sigma(ns_fie
 
 @pytest.fixture(scope="module")
 def ns64_fields(tmp_path_factory):
-    """Fresh 64x64 NS fields (Re = 200, the data of builtin:ns64) from another seed than the prior's data (seed 0)."""
-    from enkg_dist.data import generate_dataset, open_dataset
-
-    path = tmp_path_factory.mktemp("ns") / "ns64.zarr"
-    generate_dataset(path, n=64, splits={"fit": 32, "heldout": 8}, seed=7, batch=8, progress=False, threads=1)
-    as_t = lambda s: torch.from_numpy(np.asarray(open_dataset(path, s))).to(torch.float64)  # noqa: E731
-    return as_t("fit"), as_t("heldout")
+    return _fresh_fields(tmp_path_factory, 64, 32, 8)
 
 
 def test_builtin_64_checkpoint_loads_for_64x64_only():
