@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D, k1_contiguous
 from enkg_dist.problems.navier_stokes.integrator import heun_cn_step
 
@@ -35,6 +36,7 @@ MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
 LANE_BYTES = 4 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
+RETAIN_FROM_N = 256  # from this grid size on, freed memory stays in the process (enkg_dist.heap)
 
 
 @dataclass
@@ -260,6 +262,8 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
         raise ValueError(f"equation is for {eq.n}^2 grids, omega0 is {omega0.shape[-1]}^2")
     h = 1.0 / eq.n if h is None else float(h)
     cpu = omega0.device.type == "cpu"
+    if cpu and eq.n >= RETAIN_FROM_N:
+        retain_freed_memory()
     chunk = chunk or (default_chunk(eq.n, eq.dtype) if cpu else max(omega0.shape[0], 1))
     threads = (threads or torch.get_num_threads()) if cpu else 1
     mu = step_viscosity(eq)

@@ -1,0 +1,72 @@
+"""enkg_dist.heap: freed memory stays in the process (glibc), and a solve's bits do not depend on it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from enkg_dist import heap
+
+GLIBC = heap._glibc() is not None
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="not glibc: retain_freed_memory is a no-op")
+
+# RSS after freeing a 256 MiB array, in a fresh process (mallopt is process-wide); prints MiB before and after free
+PROBE = """
+import os, sys
+import numpy as np
+from enkg_dist.heap import retain_freed_memory
+if sys.argv[1] == "1":
+    assert retain_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+a = np.ones(2**25)  # 256 MiB, touched
+held = rss()
+del a
+print(held, rss())
+"""
+
+
+def _rss_after_free(retain: bool) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, "-c", PROBE, "1" if retain else "0"], capture_output=True, text=True,
+                         check=True).stdout
+    held, freed = map(float, out.split())
+    return held, freed
+
+
+@needs_glibc
+def test_freed_memory_stays_in_the_process_only_when_asked():
+    held, freed = _rss_after_free(retain=False)
+    assert held - freed > 200  # glibc's default: a 256 MiB block is mmapped and returned on free
+    held, freed = _rss_after_free(retain=True)
+    assert held - freed < 8  # retained: the next allocation reuses it, no page faults
+
+
+@needs_glibc
+def test_retain_is_idempotent_and_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ENKG_RETAIN_FREED_MEMORY", "0")
+    assert heap.retain_freed_memory() is False
+    monkeypatch.delenv("ENKG_RETAIN_FREED_MEMORY")
+    assert heap.retain_freed_memory() is True and heap.retain_freed_memory() is True
+    assert heap.retained()
+
+
+SOLVE = """
+import sys, torch
+from enkg_dist import heap
+from enkg_dist.problems.navier_stokes import grf_vorticity, solve
+torch.set_num_threads(1)
+w0 = torch.cat([grf_vorticity(256, seed=s) for s in (0, 1)])
+res = solve(w0, 0.002, mode="per_member")
+sys.stdout.buffer.write(bytes([heap.retained()]) + res.omega.numpy().tobytes())
+"""
+
+
+@needs_glibc
+def test_a_large_grid_solve_retains_memory_and_its_bits_do_not_depend_on_it():
+    def run(env_value: str) -> bytes:
+        env = {**__import__("os").environ, "ENKG_RETAIN_FREED_MEMORY": env_value}
+        return subprocess.run([sys.executable, "-c", SOLVE], capture_output=True, env=env, check=True).stdout
+
+    on, off = run("1"), run("0")
+    assert on[0] == 1 and off[0] == 0  # the 256^2 solve switched it on; the variable kept it off
+    assert len(on) > 1 and on[1:] == off[1:]
