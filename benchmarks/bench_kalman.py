@@ -8,22 +8,13 @@ grow as J^2 (d + m). The matmul rate is measured here on the same shapes. Usage:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import best_of
+
 from enkg_dist.kalman import enkg_update
 from enkg_dist.noise import NoiseCovariance
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main():
@@ -48,11 +39,11 @@ def main():
         psi = torch.randn(J, m, generator=g, dtype=dtype)
         y = torch.randn(m, generator=g, dtype=dtype)
         reps = 5 if J <= 1024 else 2
-        t_upd = best_time(lambda: enkg_update(x, psi, y, Gamma, 2.0), reps)
+        t_upd = best_of(lambda: enkg_update(x, psi, y, Gamma, 2.0), reps)
         # the machine's own rate on the same two GEMM shapes
         R = torch.randn(J, m, generator=g, dtype=dtype)
         A = torch.randn(J, J, generator=g, dtype=dtype)
-        t_mm = best_time(lambda: (R @ psi.T, A @ x), reps)
+        t_mm = best_of(lambda: (R @ psi.T, A @ x), reps)
         flops = 2 * J * J * m + 2 * J * J * d
         per = t_upd / (J * J * (d + m)) * 1e9
         growth = "" if prev is None else f"{t_upd / prev:.2f}x (ideal 4x)"

@@ -10,9 +10,10 @@ Each figure is the best of 3 timed repeats after a warm-up, with the device sync
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from timing import best_of
 
 from enkg_dist import kalman
 from enkg_dist.noise import NoiseCovariance
@@ -21,20 +22,6 @@ from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
 from enkg_dist.problems.navier_stokes.problem import grf_vorticity
 from enkg_dist.problems.navier_stokes.solver import solve
-
-
-def best_time(fn, device: torch.device, repeats: int = 3) -> float:
-    """Seconds of the fastest of `repeats` calls after one warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def solver_rows(device, n: int, batches, T: float) -> list[tuple[str, str]]:
@@ -48,7 +35,7 @@ def solver_rows(device, n: int, batches, T: float) -> list[tuple[str, str]]:
         def run():
             out["res"] = solve(w0, T, mode="paper", equation=eq, chunk=B)
 
-        t = best_time(run, device)
+        t = best_of(run, device=device)
         rows.append((f"solver {n}², B = {B}", f"{out['res'].member_steps / t:,.0f} member-steps/s"))
     return rows
 
@@ -61,7 +48,7 @@ def denoiser_rows(device, n: int, batch: int, channels: int) -> list[tuple[str, 
     for precision in ("float32", "bfloat16") if device.type == "cuda" else ("float32",):
         prior = LearnedPrior(model, device=device, precision=precision, max_batch=batch)
         x = torch.randn(batch, 1, n, n, device=device)
-        t = best_time(lambda: prior.denoise(x, 1.0), device)
+        t = best_of(lambda: prior.denoise(x, 1.0), device=device)
         rows.append((f"denoiser {n}², {channels} ch, batch {batch}, {precision}", f"{batch / t:,.0f} members/s"))
     return rows
 
@@ -74,7 +61,7 @@ def kalman_rows(device, J: int, d_side: int, m_side: int) -> list[tuple[str, str
     rows = []
     for dev in dict.fromkeys([torch.device("cpu"), device]):
         args = [t.to(dev) for t in (x, psi, y)]
-        t = best_time(lambda: kalman.enkg_update(*args, Gamma, 2.0), dev)
+        t = best_of(lambda: kalman.enkg_update(*args, Gamma, 2.0), device=dev)
         rows.append((f"Kalman update J = {J}, d = {d_side}², m = {m_side}², {dev.type}", f"{t * 1e3:,.1f} ms"))
     return rows
 
