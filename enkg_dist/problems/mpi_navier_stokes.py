@@ -88,8 +88,9 @@ class SlabFFT:
         for r in range(R):  # send[r]: the columns of rank r, transposed (padding columns stay zero)
             lo, hi = r * kl, min((r + 1) * kl, self.nk)
             send[r, :, : hi - lo, :] = a[..., lo:hi].transpose(-1, -2)
-        recv = self._alltoall(send)  # recv[s] = (B, kl, rows of rank s)
-        spec = recv.permute(1, 2, 0, 3).reshape(B, kl, self.n)
+        spec = a.new_empty((B, kl, self.n))
+        # rank s's rows land straight in columns s nl .. (s+1) nl of every (field, k2) row: no unpacking copy
+        self.comm.Alltoall([send.numpy(), B * kl * nl, self._complex()], [spec.numpy(), 1, self._rows(B)])
         return torch.fft.fft(spec, dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
 
     def inverse(self, s: torch.Tensor) -> torch.Tensor:
@@ -98,15 +99,29 @@ class SlabFFT:
         if self.size == 1:
             return torch.fft.irfft(a.transpose(-1, -2).contiguous(), n=self.n, dim=-1)
         B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
-        send = a.reshape(B, kl, R, nl).permute(2, 0, 1, 3).contiguous()  # send[s] = (B, kl, rows of rank s)
-        recv = self._alltoall(send)  # recv[s] = (B, columns of rank s, my rows)
+        a = a.contiguous()
+        recv = a.new_empty((R, B, kl, nl))  # recv[s] = (B, columns of rank s, my rows)
+        # rank r's rows go straight from columns r nl .. (r+1) nl of every (field, k2) row: no packing copy
+        self.comm.Alltoall([a.numpy(), 1, self._rows(B)], [recv.numpy(), B * kl * nl, self._complex()])
         half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)
         return torch.fft.irfft(half if self.kp == self.nk else half[..., : self.nk], n=self.n, dim=-1)
 
-    def _alltoall(self, send: torch.Tensor) -> torch.Tensor:
-        recv = torch.empty_like(send)
-        self.comm.Alltoall(send.numpy(), recv.numpy())  # numpy views share the tensors' memory
-        return recv
+    @staticmethod
+    def _complex():
+        from mpi4py import MPI
+
+        return MPI.C_DOUBLE_COMPLEX
+
+    def _rows(self, B: int):
+        """MPI datatype of one rank's share of B kl rows of length N: nl values per row, consecutive ranks' shares
+        nl values apart (a vector type resized to nl values), so that Alltoall reads or writes them in place."""
+        cache = self.__dict__.setdefault("_row_types", {})
+        if B not in cache:
+            base = self._complex()
+            vec = base.Create_vector(B * self.kl, self.nl, self.n)
+            cache[B] = vec.Create_resized(0, self.nl * base.Get_extent()[1]).Commit()
+            vec.Free()
+        return cache[B]
 
 
 class SlabNavierStokes:
