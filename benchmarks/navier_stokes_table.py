@@ -40,8 +40,9 @@ PUBLISHED = [  # (source, setting, method, rel. L2, note)
 def methods(a) -> dict[str, list[str]]:
     """Method label -> config overrides on the base job."""
     loc = [f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}}}", f"enkg.guard={a.guard}"]
-    eki_prior = (("Gaussian prior", "prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}") if a.eki_prior == "grf"
-                 else ("fitted Gaussian prior", "prior={kind: gaussian_fit, data: " + a.eki_prior.split(":", 1)[1] + "}"))
+    grf = a.eki_prior == "grf"
+    eki_prior = (("Gaussian prior", "prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}") if grf else
+                 ("fitted Gaussian prior", "prior={kind: gaussian_fit, data: " + a.eki_prior.split(":", 1)[1] + "}"))
     return {
         "EnKG, authors' step (s = 2, |A|_F, no guard)": ["enkg.localisation.kind=none", "enkg.guard=null"],
         "EnKG, guard 1 (previous default)": ["enkg.localisation.kind=none", "enkg.guard=1"],

@@ -90,7 +90,7 @@ class SlabFFT:
             send[r, :, : hi - lo, :] = a[..., lo:hi].transpose(-1, -2)
         spec = a.new_empty((B, kl, self.n))
         # rank s's rows land straight in columns s nl .. (s+1) nl of every (field, k2) row: no unpacking copy
-        self.comm.Alltoall([send.numpy(), B * kl * nl, self._complex()], [spec.numpy(), 1, self._rows(B)])
+        self.comm.Alltoall([send.numpy(), B * kl * nl, _mpi("C_DOUBLE_COMPLEX")], [spec.numpy(), 1, self._rows(B)])
         return torch.fft.fft(spec, dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
 
     def inverse(self, s: torch.Tensor) -> torch.Tensor:
@@ -102,22 +102,16 @@ class SlabFFT:
         a = a.contiguous()
         recv = a.new_empty((R, B, kl, nl))  # recv[s] = (B, columns of rank s, my rows)
         # rank r's rows go straight from columns r nl .. (r+1) nl of every (field, k2) row: no packing copy
-        self.comm.Alltoall([a.numpy(), 1, self._rows(B)], [recv.numpy(), B * kl * nl, self._complex()])
+        self.comm.Alltoall([a.numpy(), 1, self._rows(B)], [recv.numpy(), B * kl * nl, _mpi("C_DOUBLE_COMPLEX")])
         half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)
         return torch.fft.irfft(half if self.kp == self.nk else half[..., : self.nk], n=self.n, dim=-1)
-
-    @staticmethod
-    def _complex():
-        from mpi4py import MPI
-
-        return MPI.C_DOUBLE_COMPLEX
 
     def _rows(self, B: int):
         """MPI datatype of one rank's share of B kl rows of length N: nl values per row, consecutive ranks' shares
         nl values apart (a vector type resized to nl values), so that Alltoall reads or writes them in place."""
         cache = self.__dict__.setdefault("_row_types", {})
         if B not in cache:
-            base = self._complex()
+            base = _mpi("C_DOUBLE_COMPLEX")
             vec = base.Create_vector(B * self.kl, self.nl, self.n)
             cache[B] = vec.Create_resized(0, self.nl * base.Get_extent()[1]).Commit()
             vec.Free()
@@ -214,7 +208,7 @@ class MPISolveResult:
 def _any(comm, flag: bool) -> bool:
     if comm.Get_size() == 1:
         return bool(flag)
-    return bool(comm.allreduce(int(bool(flag)), op=_op("MAX")))
+    return bool(comm.allreduce(int(bool(flag)), op=_mpi("MAX")))
 
 
 def _max_of(comm, s2: float, flag: bool) -> tuple[float, bool]:
@@ -224,17 +218,12 @@ def _max_of(comm, s2: float, flag: bool) -> tuple[float, bool]:
     if comm.Get_size() == 1:
         return s2, bool(flag)
     buf = np.array([s2, float(bool(flag))])
-    comm.Allreduce(_in_place(), buf, op=_op("MAX"))
+    comm.Allreduce(_mpi("IN_PLACE"), buf, op=_mpi("MAX"))
     return float(buf[0]), bool(buf[1])
 
 
-def _in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
-
-
-def _op(name: str):
+def _mpi(name: str):
+    """mpi4py.MPI.<name> (imported here, lazily)."""
     from mpi4py import MPI
 
     return getattr(MPI, name)
