@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -24,7 +25,9 @@ DEFAULT_TRIM_BYTES = 1 << 30
 _applied: int | None = None  # the trim threshold set in this process (None: not yet)
 
 
+@functools.cache
 def _glibc():
+    """The C library when it is glibc (looked up once per process), else None."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 - present only in glibc

@@ -71,6 +71,7 @@ class SlabFFT:
         self.kl = -(-self.nk // self.size)  # k2 columns per rank (padded)
         self.kp = self.kl * self.size
         self.k2_lo = self.rank * self.kl  # this rank's first k2 column
+        self._row_types: dict = {}  # B -> the MPI datatype of `_rows`
 
     @staticmethod
     def layout(t: torch.Tensor) -> torch.Tensor:
@@ -109,13 +110,12 @@ class SlabFFT:
     def _rows(self, B: int):
         """MPI datatype of one rank's share of B kl rows of length N: nl values per row, consecutive ranks' shares
         nl values apart (a vector type resized to nl values), so that Alltoall reads or writes them in place."""
-        cache = self.__dict__.setdefault("_row_types", {})
-        if B not in cache:
+        if B not in self._row_types:
             base = _mpi("C_DOUBLE_COMPLEX")
             vec = base.Create_vector(B * self.kl, self.nl, self.n)
-            cache[B] = vec.Create_resized(0, self.nl * base.Get_extent()[1]).Commit()
+            self._row_types[B] = vec.Create_resized(0, self.nl * base.Get_extent()[1]).Commit()
             vec.Free()
-        return cache[B]
+        return self._row_types[B]
 
 
 class SlabNavierStokes:
