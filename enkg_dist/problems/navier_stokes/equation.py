@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from enkg_dist.problems.navier_stokes.kernels import irfft2_k1, rfft2_k1, tendency_from_spectra
+
 DEALIAS = ("two_thirds", "disc")
 
 
@@ -84,9 +86,12 @@ class NavierStokes2D:
         # tendency, then unmasked (u, v) for the step rule's max|u|; the flux pair -> the divergence's two terms
         # (complex, also the mask: a complex x real product first casts its real factor, one more pass). Stored
         # k1-contiguous, the layout of the solver's spectra (see `fft`)
-        self._tendency_mult = k1_contiguous(torch.stack([self.mask.to(cdtype), self._to_u, self._to_v]))
+        # (the inverse FFT's 1/n^2 is folded in: `kernels.tendency_from_spectra`)
+        scale = 1.0 / (n * n)
+        self._tendency_mult = k1_contiguous(torch.stack([self.mask.to(cdtype), self._to_u, self._to_v]) * scale)
         self._first_mult = k1_contiguous(torch.cat([self._tendency_mult, torch.stack([self.inv_lap * self.ik2,
-                                                                                      -self.inv_lap * self.ik1])]))
+                                                                                      -self.inv_lap * self.ik1])
+                                                    * scale]))
         self._flux_mult = k1_contiguous(torch.stack([self._neg_dx, self._neg_dy]))
         self.half_viscous_c = k1_contiguous(0.5 * self.viscous_symbol()).to(cdtype)  # L/2, Crank–Nicolson factors
 
@@ -106,20 +111,14 @@ class NavierStokes2D:
 
     def fft(self, w: torch.Tensor, k1_contiguous: bool = False) -> torch.Tensor:
         """rfft2 over the last two axes; k1_contiguous: the same values laid out with k1 (axis -2) contiguous in
-        memory, the solver's layout, computed as rfft along y, one transposing copy, fft along x (torch's rfft2
-        transposes twice, in its own copies, and then runs MKL along strided columns)."""
-        if not k1_contiguous:
-            return torch.fft.rfft2(w)
-        a = torch.fft.rfft(w, dim=-1)
-        return torch.fft.fft(a.transpose(-1, -2).contiguous(), dim=-1).transpose(-1, -2)
+        memory, the solver's layout (`kernels.rfft2_k1`)."""
+        return rfft2_k1(w) if k1_contiguous else torch.fft.rfft2(w)
 
     def ifft(self, w_hat: torch.Tensor) -> torch.Tensor:
-        """irfft2 over the last two axes; for k1-contiguous spectra (`fft(w, k1_contiguous=True)`), as ifft along x,
-        one transposing copy, irfft along y."""
+        """irfft2 over the last two axes, for either layout (k1-contiguous spectra: `kernels.irfft2_k1`)."""
         if w_hat.dim() < 2 or not w_hat.transpose(-1, -2).is_contiguous() or w_hat.is_contiguous():
             return torch.fft.irfft2(w_hat, s=(self.n, self.n))
-        z = torch.fft.ifft(w_hat.transpose(-1, -2), dim=-1)  # (..., n//2+1, n): k2 rows, x contiguous
-        return torch.fft.irfft(z.transpose(-1, -2).contiguous(), n=self.n, dim=-1)
+        return irfft2_k1(w_hat, self.n)
 
     def viscous_symbol(self) -> torch.Tensor:
         """L = -nu |k|^2: the Fourier symbol of nu Lap, on the half-grid (n, n//2+1)."""
@@ -164,17 +163,8 @@ class NavierStokes2D:
 
     def _tendency(self, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """N(w_hat) from the spectra (..., K, n, n//2+1) of masked w, u, v, and max(u^2 + v^2) over fields 4-5 (the
-        unmasked velocity) when K = 5."""
-        fields = self.ifft(spec)  # (..., K, n, n)
-        flux = fields[..., 1:3, :, :] * fields[..., 0:1, :, :]  # (u w, v w)
-        flux_hat = self.fft(flux, k1_contiguous=True).mul_(self._flux_mult)  # (-d/dx F[u w], -d/dy F[v w])
-        nonlin = flux_hat[..., 0, :, :].add_(flux_hat[..., 1, :, :])
-        if self.forcing_amplitude:
-            nonlin[..., 0, self.forcing_wavenumber].add_(self.f_mode)
-        if spec.shape[-3] == 3:
-            return nonlin, None
-        uv = fields[..., 3:5, :, :]
-        return nonlin, (uv * uv).sum(dim=-3).amax(dim=(-2, -1))
+        unmasked velocity) when K = 5 (`kernels.tendency_from_spectra`)."""
+        return tendency_from_spectra(spec, self._flux_mult, self.f_mode, self.forcing_wavenumber, self.n)
 
     def __repr__(self) -> str:
         return (f"NavierStokes2D(n={self.n}, Re={self.Re:g}, forcing={self.forcing_amplitude:g}cos"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
+from enkg_dist.problems.navier_stokes.kernels import heun_cn
 
 
 def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | float, n1: torch.Tensor | None = None
@@ -22,13 +23,10 @@ def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | flo
     e = (1 + dt L/2) q = 2q - 1 and g = dt q: four passes over the complex arrays besides the two tendencies.
     n1: N(w_hat) when the caller already has it (the solver gets it with the step rule's speed, from one FFT call).
     """
+    dts = None
     if isinstance(dt, torch.Tensor):
-        dt = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1)
-    q = torch.reciprocal_(1 - eq.half_viscous_c * dt)  # complex: a complex x real product would cast the real factor
-    e = q.mul(2).sub_(1)
-    g = q.mul_(dt)
+        dts, dt = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1), 0.0
     if n1 is None:
         n1 = eq.tendency(w_hat)
-    ew = w_hat * e
-    n2 = eq.tendency(torch.addcmul(ew, g, n1))
-    return ew.addcmul_(g, n1.add_(n2), value=0.5)
+    return heun_cn(w_hat, n1, float(dt), dts, eq.half_viscous_c, eq._tendency_mult, eq._flux_mult, eq.f_mode,
+                   eq.forcing_wavenumber, eq.n)

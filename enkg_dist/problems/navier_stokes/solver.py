@@ -30,7 +30,8 @@ import torch
 
 from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D, k1_contiguous
-from enkg_dist.problems.navier_stokes.integrator import heun_cn_step
+from enkg_dist.problems.navier_stokes import kernels
+from enkg_dist.problems.navier_stokes.kernels import scripted
 
 MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
@@ -90,27 +91,29 @@ def _default_equation(omega: torch.Tensor, mode: str) -> NavierStokes2D:
 
 class _Lane:
     """Members solved together, one batched FFT call per stage: their state, times, step counts, and what was found
-    so far (w(T) of the members that landed, reasons of those that failed). Pending n1 / s2: N(w) and max|u|^2 at
+    so far (w(T) of the members that landed, reasons of those that failed). Pending n1 / speed: N(w) and max|u| at
     the current state, computed at the end of the previous step (the next step's predictor and step rule)."""
 
-    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool):
+    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool, kernels):
         self.members, self.w_hat, self.eq, self.adaptive = members, w_hat, eq, adaptive
+        self._step_kernel, self._look_kernel = kernels  # kernels.lane_step and kernels.look, scripted or not
         self.t = [0.0] * len(members)
         self.steps = [0] * len(members)
         self.finished: list[tuple[int, torch.Tensor | None, int, float, str | None]] = []
-        self.n1 = self.s2 = None
+        # what every kernel call takes after its state: the step's multipliers and the equation's constants
+        self._consts = (eq.half_viscous_c, eq._tendency_mult, eq._first_mult if adaptive else eq._tendency_mult,
+                        eq._flux_mult, eq.f_mode, eq.forcing_wavenumber, eq.n)
+        self.n1 = self.speed = None
         self._look()
 
     def _look(self) -> None:
-        """N(w) (and max|u|^2 when the step is adaptive) at the current state."""
-        if self.adaptive:
-            self.n1, self.s2 = self.eq.tendency_and_max_speed2(self.w_hat)
-        else:
-            self.n1, self.s2 = self.eq.tendency(self.w_hat), None
+        """N(w) (and max|u| when the step is adaptive) at the current state."""
+        _, _, look_mult, flux_mult, f_mode, kf, n = self._consts
+        self.n1, self.speed = self._look_kernel(self.w_hat, look_mult, flux_mult, f_mode, kf, n)
 
     def speeds(self) -> list[float]:
         """max|u| per member as float64 (NaN or inf: the velocity is not finite): sqrt in the field's dtype."""
-        return self.s2.sqrt().tolist()  # float32 values are exact as Python floats
+        return self.speed.tolist()  # float32 values are exact as Python floats
 
     def advance(self, steps: list[float], bad_speed: list[bool], T: float, max_steps: int) -> None:
         """One step of every member by its dt (landing on T when within LANDING_TOL), then who leaves and why."""
@@ -121,10 +124,10 @@ class _Lane:
             last.append(land)
             dts.append(rem if land else dt)
         one = all(d == dts[0] for d in dts)  # one member, or paper mode: a float, no per-member factors
-        dt = dts[0] if one else torch.tensor(dts, dtype=torch.float64, device=self.w_hat.device)
-        self.w_hat = heun_cn_step(self.eq, self.w_hat, dt, self.n1)
-        self.n1 = self.s2 = None
-        finite = _finite_rows(self.w_hat)
+        per_member = None if one else torch.tensor(dts, dtype=self.eq.dtype, device=self.w_hat.device)[:, None, None]
+        self.w_hat, self.n1, self.speed, sums = self._step_kernel(
+            self.w_hat, self.n1, dts[0] if one else 0.0, per_member, *self._consts)
+        finite = _finite_rows(self.w_hat, sums)
         keep, leaving = [], []
         for i in range(len(self.members)):
             self.t[i] = T if last[i] else self.t[i] + dts[i]
@@ -143,8 +146,7 @@ class _Lane:
                 reason = None
             leaving.append((i, reason))
         if not leaving:
-            self._look()
-            return
+            return  # the step's kernel looked at the new state already
         landed = [i for i, reason in leaving if reason is None]
         omega = self.eq.ifft(self.w_hat[landed]) if landed else None
         for i, reason in leaving:
@@ -158,10 +160,9 @@ class _Lane:
             self._look()
 
 
-def _finite_rows(w_hat: torch.Tensor) -> list[bool]:
-    """Whether each member's field is finite: a sum per member, confirmed elementwise where it is not finite (a sum
-    of finite values can overflow)."""
-    sums = torch.view_as_real(w_hat).sum(dim=(-3, -2, -1))
+def _finite_rows(w_hat: torch.Tensor, sums: torch.Tensor) -> list[bool]:
+    """Whether each member's field is finite, from the sum per member of its real and imaginary parts, confirmed
+    elementwise where that is not finite (a sum of finite values can overflow)."""
     finite = torch.isfinite(sums).tolist()
     for i, ok in enumerate(finite):
         if not ok:
@@ -288,8 +289,10 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     lanes: list[_Lane] = [None] * len(groups)
     adaptive = mode != "fixed"
 
+    lane_kernels = scripted(kernels.lane_step), scripted(kernels.look)  # compiled here, before any lane thread
+
     def start(k: int) -> None:
-        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive)
+        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels)
 
     def rule(lane: _Lane) -> tuple[list[float], list[bool]]:
         """This lane's own steps and non-finite-speed flags (per-member rule, or the fixed dt)."""
