@@ -30,10 +30,11 @@ def irfft2_k1(w_hat: torch.Tensor, n: int, scaled: bool = True) -> torch.Tensor:
     """irfft2 over the last two axes of a k1-contiguous spectrum: ifft along x, one transposing copy, irfft along y.
     scaled=False leaves out the 1/n^2 (the caller folded it into its multipliers: one pass less per transform, and
     the same bits when n is a power of two). On CPU the ifft writes rows padded to n + 8: the transposing copy then
-    reads them at a stride that is not a power of two (at n = 128 it is 2.4 times faster, cache-set conflicts)."""
+    reads them at a stride that is not a power of two (at n = 128 it is 2.4 times faster, cache-set conflicts);
+    not under autograd, which does not differentiate out= arguments."""
     norm = "backward" if scaled else "forward"
     a = w_hat.transpose(-1, -2)  # (..., n//2+1, n): k2 rows, k1 contiguous
-    if w_hat.is_cuda:
+    if w_hat.is_cuda or w_hat.requires_grad:
         z = torch.fft.ifft(a, dim=-1, norm=norm)
     else:
         z = torch.empty(list(a.shape[:-1]) + [n + 8], dtype=a.dtype, device=a.device).narrow(-1, 0, n)

@@ -8,10 +8,11 @@ member's trajectory does not depend on its batch-mates; "paper" takes the max ov
 Members are solved in lanes of `chunk` members (one batched FFT call per stage; members that reach T, blow up or
 exhaust `max_steps` leave their lane). Each step costs 12 real FFTs (an unavoidable 5 per tendency evaluation, 2 for
 the step rule's velocity, which is the unmasked field's and so cannot share the tendency's masked transforms), in 4
-stacked transforms: the step rule's velocity comes out of the predictor's inverse transform
-(`NavierStokes2D.tendency_and_max_speed2`); spectra are k1-contiguous (`NavierStokes2D.fft`). On CPU the lanes run
-on torch.get_num_threads() threads, each computing with one intra-op thread: a member's bits depend on the members
-in its lane (chunk) only, never on the thread count; with chunk=1 they depend on nothing but the member. In
+stacked transforms: the step rule's velocity comes out of the predictor's inverse transform (`kernels.look`);
+spectra are k1-contiguous (`kernels.rfft2_k1`). A lane's step and look are one call (`kernels.lane_step`), on CPU
+compiled by TorchScript, which runs it without holding the GIL. On CPU the lanes run on torch.get_num_threads()
+threads, each computing with one intra-op thread: a member's bits depend on the members in its lane (chunk) only,
+never on the thread count; with chunk=1 they depend on nothing but the member. In
 per-member and fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step
 taken between steps.
 """
@@ -289,7 +290,9 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     lanes: list[_Lane] = [None] * len(groups)
     adaptive = mode != "fixed"
 
-    lane_kernels = scripted(kernels.lane_step), scripted(kernels.look)  # compiled here, before any lane thread
+    # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
+    # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
+    lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
 
     def start(k: int) -> None:
         lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels)
