@@ -44,8 +44,7 @@ def test_scripted_lane_step_equals_eager_on_white_noise():
     w_hat = eq.fft(5 * torch.randn(3, n, n, dtype=torch.float64, generator=g), k1_contiguous=True)
     n1 = eq.tendency(w_hat)
     dts = torch.tensor([1e-3, 4e-3, 1e-2], dtype=torch.float64)[:, None, None]
-    args = (0.0, dts, eq.half_viscous_c, eq._tendency_mult, eq._first_mult, eq._flux_mult, eq.f_mode,
-            eq.forcing_wavenumber, n)
+    args = (0.0, dts, *eq.kernel_constants())
     eager = lane_step(w_hat, n1.clone(), *args)
     fast = scripted(lane_step)(w_hat, n1.clone(), *args)
     assert isinstance(scripted(lane_step), torch.jit.ScriptFunction)

@@ -120,6 +120,14 @@ class NavierStokes2D:
             return torch.fft.irfft2(w_hat, s=(self.n, self.n))
         return irfft2_k1(w_hat, self.n)
 
+    def kernel_constants(self, adaptive: bool = True) -> tuple:
+        """What `kernels.lane_step` takes after its state and step: (L/2, the tendency's 3 multipliers, the look's
+        multipliers (5 with the step rule's unmasked velocity when adaptive, else the tendency's 3), the flux's 2,
+        the forcing mode's value, its wavenumber, n)."""
+        look = self._first_mult if adaptive else self._tendency_mult
+        return (self.half_viscous_c, self._tendency_mult, look, self._flux_mult, self.f_mode, self.forcing_wavenumber,
+                self.n)
+
     def viscous_symbol(self) -> torch.Tensor:
         """L = -nu |k|^2: the Fourier symbol of nu Lap, on the half-grid (n, n//2+1)."""
         return -self.nu * self.k2_abs

@@ -28,5 +28,5 @@ def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | flo
         dts, dt = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1), 0.0
     if n1 is None:
         n1 = eq.tendency(w_hat)
-    return heun_cn(w_hat, n1, float(dt), dts, eq.half_viscous_c, eq._tendency_mult, eq._flux_mult, eq.f_mode,
-                   eq.forcing_wavenumber, eq.n)
+    half_viscous_c, tendency_mult, _, flux_mult, f_mode, kf, n = eq.kernel_constants()
+    return heun_cn(w_hat, n1, float(dt), dts, half_viscous_c, tendency_mult, flux_mult, f_mode, kf, n)

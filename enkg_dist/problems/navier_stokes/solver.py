@@ -95,15 +95,13 @@ class _Lane:
     so far (w(T) of the members that landed, reasons of those that failed). Pending n1 / speed: N(w) and max|u| at
     the current state, computed at the end of the previous step (the next step's predictor and step rule)."""
 
-    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool, kernels):
+    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool, lane_kernels):
         self.members, self.w_hat, self.eq, self.adaptive = members, w_hat, eq, adaptive
-        self._step_kernel, self._look_kernel = kernels  # kernels.lane_step and kernels.look, scripted or not
+        self._step_kernel, self._look_kernel = lane_kernels  # kernels.lane_step and kernels.look, scripted or not
         self.t = [0.0] * len(members)
         self.steps = [0] * len(members)
         self.finished: list[tuple[int, torch.Tensor | None, int, float, str | None]] = []
-        # what every kernel call takes after its state: the step's multipliers and the equation's constants
-        self._consts = (eq.half_viscous_c, eq._tendency_mult, eq._first_mult if adaptive else eq._tendency_mult,
-                        eq._flux_mult, eq.f_mode, eq.forcing_wavenumber, eq.n)
+        self._consts = eq.kernel_constants(adaptive)
         self.n1 = self.speed = None
         self._look()
 
