@@ -73,3 +73,13 @@ def test_unscaled_inverse_with_folded_scale(n):
         assert torch.equal(folded, plain)
     else:
         assert torch.allclose(folded, plain, rtol=0, atol=1e-6)
+
+
+def _not_scriptable(x):
+    return {"a": x, 1: x}  # keys of two types: TorchScript cannot type this dict
+
+
+def test_a_function_torchscript_cannot_compile_runs_eager_with_a_warning(monkeypatch):
+    monkeypatch.setenv("ENKG_NS_SCRIPT", "1")
+    with pytest.warns(RuntimeWarning, match="TorchScript could not compile _not_scriptable"):
+        assert scripted(_not_scriptable) is _not_scriptable
