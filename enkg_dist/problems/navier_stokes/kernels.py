@@ -64,13 +64,15 @@ def heun_cn(w_hat: torch.Tensor, n1: torch.Tensor, dt: float, dts: Optional[torc
             kf: int, n: int) -> torch.Tensor:
     """One Heun/Crank–Nicolson step (integrator.py): w~ = e w_n + g N(w_n), w_{n+1} = e w_n + (g/2)(N(w_n) + N(w~))
     with q = 1/(1 - dt L/2), e = 2q - 1, g = dt q; dt one float for all members, or dts (B, 1, 1) per member."""
+    # complex factors: a complex x real product casts its real factor, one more pass
     if dts is None:
-        q = torch.reciprocal_(1 - half_viscous_c * dt)  # complex: a complex x real product casts its real factor
-        e = q.mul(2).sub_(1)
-        g = q.mul_(dt)
+        q = torch.reciprocal_(1 - half_viscous_c * dt)
     else:
         q = torch.reciprocal_(1 - half_viscous_c * dts)
-        e = q.mul(2).sub_(1)
+    e = q.mul(2).sub_(1)
+    if dts is None:
+        g = q.mul_(dt)
+    else:
         g = q.mul_(dts)
     ew = w_hat * e
     n2 = tendency_from_spectra(torch.addcmul(ew, g, n1).unsqueeze(-3) * tendency_mult, flux_mult, f_mode, kf, n)[0]
