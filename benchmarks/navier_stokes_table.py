@@ -52,6 +52,11 @@ def methods(a) -> dict[str, list[str]]:
         f"EKI, data-misfit controller ({eki_prior[0]})": ["method=eki", "eki.dt=auto", f"eki.ensemble_size={a.J}",
                                                           f"eki.iterations={a.eki_iterations}", eki_prior[1]],
         "DPS (autograd through the solver)": [],
+        f"EnKG + SEC alpha = {a.sec_alpha}, guard {a.guard}": [
+            f"enkg.localisation={{kind: sec, alpha: {a.sec_alpha}}}", f"enkg.guard={a.guard}"],
+        f"EnKG + NICE, guard {a.guard}": ["enkg.localisation={kind: nice}", f"enkg.guard={a.guard}"],
+        f"EnKG + Gaspari-Cohn c = {a.radius} on the deviations only (raw mean), guard {a.guard}": [
+            f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}, mean_update: raw}}", f"enkg.guard={a.guard}"],
     }
 
 
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--radius", type=float, default=8.0)
     ap.add_argument("--guard", type=float, default=3.0)
     ap.add_argument("--rtps", type=float, default=0.3)
+    ap.add_argument("--sec-alpha", type=float, default=1.0, help="SEC power alpha (rho = |R|^alpha)")
     ap.add_argument("--eki-iterations", type=int, default=34, help="EKI iterations (its budget: J x iterations)")
     ap.add_argument("--eki-prior", default="grf", help="EKI's prior: grf (a Gaussian random field, alpha 2.5, tau 3, "
                     "std 0.5, as the paper's EKI) or gaussian_fit:DATA.zarr (the Gaussian fitted to the training data)")

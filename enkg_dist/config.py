@@ -138,6 +138,10 @@ class LocalisationSettings(_Model):
     alpha: float = Field(1.0, ge=0, description="SEC power")
     cutoff: float = Field(0.0, ge=0, lt=1, description="SEC: drop corrected correlations below this")
     delta: float = Field(1.0, gt=0, description="NICE: discrepancy-principle tolerance scale")
+    mean_update: Literal["localised", "raw"] = Field(
+        "localised", description="localised: the whole update is localised; raw (EnKG only): the ensemble mean moves "
+                                 "by the unlocalised gain, as in the authors' update, and only the members' "
+                                 "deviations from it by the localised one")
 
     @model_validator(mode="after")
     def _radius(self):
@@ -211,6 +215,8 @@ class EKISettings(_Model):
             raise ValueError(f"dt {self.dt}: must be > 0, or auto")
         if self.tikhonov and self.localisation.kind != "none":
             raise ValueError("localisation is not available with tikhonov (the stacked prior block is d x d)")
+        if self.localisation.mean_update != "localised":
+            raise ValueError("localisation.mean_update: raw is an EnKG option; EKI localises its whole update")
         return _check_inflation(self)
 
 

@@ -153,7 +153,9 @@ def enkg_update(
     longer than the paper's rule at scale `guard`, which keeps small ensembles from collapsing. Members with
     ok=False take no part and are returned unchanged. With a `localiser`, Delta_j = (rho o C_xpsi) Gamma^{-1}
     (psi_j - y) in blocks; w is unchanged (tr C_psipsi uses the diagonal, which rho_psipsi keeps). Without one,
-    temporaries past `block_bytes` (default BLOCK_BYTES) are split into blocks (see apply_to_anomalies).
+    temporaries past `block_bytes` (default BLOCK_BYTES) are split into blocks (see apply_to_anomalies). A
+    localiser with `raw_mean` localises only the deviations: Delta_j = C_xpsi Gamma^{-1} (mean psi - y)
+    + (rho o C_xpsi) Gamma^{-1} (psi_j - mean psi), so the mean moves as in the unlocalised update.
     """
     if rule not in STEP_RULES:
         raise ValueError(f"unknown step rule {rule!r}; allowed: {', '.join(STEP_RULES)}")
@@ -178,6 +180,11 @@ def enkg_update(
         w, guarded = guard / trace_Cpp, True
     if localiser is None:
         X_new = apply_to_anomalies(X, A, w, block_bytes).reshape(xs.shape)
+    elif localiser.raw_mean:
+        Xa, Pa = anomalies(X), anomalies(ps)
+        mean_delta = ((P @ Gamma.whiten(ps.mean(0) - y)) / n) @ Xa  # C_xpsi Gamma^{-1} (mean psi - y)
+        delta = localised_apply(Xa, Pa, Gamma.inverse(Pa), localiser) + mean_delta
+        X_new = (X - w * delta).reshape(xs.shape)
     else:
         delta = localised_apply(anomalies(X), anomalies(ps), Gamma.inverse(ps - y), localiser)
         X_new = (X - w * delta).reshape(xs.shape)

@@ -72,6 +72,7 @@ class Localiser:
     """Interface: row blocks, the observations each block may touch, and the taper on them."""
 
     needs_correlations = False
+    raw_mean = False  # EnKG: the mean moves by the unlocalised gain, only the deviations by rho o C
 
     def blocks(self, d: int, m: int) -> list[torch.Tensor]:
         """State row indices, block by block (each block's C has at most BLOCK_ELEMENTS entries)."""

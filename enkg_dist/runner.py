@@ -215,15 +215,18 @@ def make_localiser(settings, forward, key: str = "enkg"):
     if loc.kind == "none":
         return None
     if loc.kind == "sec":
-        return localisation.SEC(loc.alpha, loc.cutoff)
-    if loc.kind == "nice":
-        return localisation.NICE(loc.delta)
-    geometry = forward.geometry()
-    if geometry is None:
-        raise cfgmod.ConfigError(f"config error: {key}.localisation.kind: gaspari_cohn needs a geometry and this "
-                                 "problem declares none (give problem.coordinates, or use kind: nice, which needs "
-                                 "none)")
-    return localisation.GaspariCohn(geometry, loc.radius)
+        out = localisation.SEC(loc.alpha, loc.cutoff)
+    elif loc.kind == "nice":
+        out = localisation.NICE(loc.delta)
+    else:
+        geometry = forward.geometry()
+        if geometry is None:
+            raise cfgmod.ConfigError(f"config error: {key}.localisation.kind: gaspari_cohn needs a geometry and "
+                                     "this problem declares none (give problem.coordinates, or use kind: nice, which "
+                                     "needs none)")
+        out = localisation.GaspariCohn(geometry, loc.radius)
+    out.raw_mean = loc.mean_update == "raw"
+    return out
 
 
 def _finish(cfg: cfgmod.RunConfig, built: Built) -> Built:

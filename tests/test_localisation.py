@@ -103,6 +103,43 @@ def test_infinite_radius_gives_the_unlocalised_update():
     assert torch.allclose(got, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("make", ["gc", "sec", "nice"])
+def test_raw_mean_moves_the_mean_unlocalised_and_the_deviations_localised(make):
+    """mean_update: raw. The mean of the update is the unlocalised update's mean, its deviations are the localised
+    update's deviations (same w), and with rho = 1 it is the unlocalised update."""
+    X, psi, y = _ensemble(J=9)
+    A = torch.randn(36, 36, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    Gamma = NoiseCovariance.full(A @ A.T + 36 * torch.eye(36, dtype=torch.float64))
+    geo = grid_geometry(12, 2)
+    make_loc = {"gc": lambda: GaspariCohn(geo, 2.0), "sec": lambda: SEC(1.0), "nice": lambda: NICE()}[make]
+    split = make_loc()
+    split.raw_mean = True
+    for rule, guard in (("frobenius", None), ("trace", 1.0)):
+        raw, info_r = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, guard)
+        loc, info_l = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, guard, localiser=make_loc())
+        got, info_s = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, guard, localiser=split)
+        assert info_s.weight == info_l.weight == info_r.weight
+        assert torch.allclose(got.mean(0), raw.mean(0), rtol=0, atol=1e-12)
+        assert torch.allclose(kalman.anomalies(got), kalman.anomalies(loc), rtol=0, atol=1e-12)
+        assert not torch.allclose(kalman.anomalies(got), kalman.anomalies(raw), rtol=0, atol=1e-6)
+    one = GaspariCohn(geo, math.inf)
+    one.raw_mean = True
+    raw, _ = kalman.enkg_update(X, psi, y, Gamma, 2.0, "frobenius")
+    assert torch.allclose(kalman.enkg_update(X, psi, y, Gamma, 2.0, "frobenius", localiser=one)[0], raw, rtol=0,
+                          atol=1e-12)
+
+
+def test_raw_mean_is_set_from_the_config_and_refused_for_eki():
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+
+    built = runner.build(cfgmod.load_config(None, ["enkg.localisation={kind: sec, mean_update: raw}"]))
+    assert isinstance(built.localiser, SEC) and built.localiser.raw_mean
+    assert not runner.build(cfgmod.load_config(None, ["enkg.localisation={kind: sec}"])).localiser.raw_mean
+    with pytest.raises(cfgmod.ConfigError, match="mean_update: raw is an EnKG option"):
+        cfgmod.load_config(None, ["method=eki", "eki.localisation={kind: sec, mean_update: raw}"])
+
+
 def test_full_gamma_enters_as_its_inverse():
     X, psi, y = _ensemble(J=6)
     A = torch.randn(36, 36, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
