@@ -57,6 +57,9 @@ def methods(a) -> dict[str, list[str]]:
         f"EnKG + NICE, guard {a.guard}": ["enkg.localisation={kind: nice}", f"enkg.guard={a.guard}"],
         f"EnKG + Gaspari-Cohn c = {a.radius} on the deviations only (raw mean), guard {a.guard}": [
             f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}, mean_update: raw}}", f"enkg.guard={a.guard}"],
+        f"EnKG + Gaspari-Cohn c = {a.radius} on scales |k| > {a.large_scales} (larger ones unlocalised), guard "
+        f"{a.guard}": [f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}, large_scales: {a.large_scales}}}",
+                       f"enkg.guard={a.guard}"],
     }
 
 
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("--radius", type=float, default=8.0)
     ap.add_argument("--guard", type=float, default=3.0)
     ap.add_argument("--rtps", type=float, default=0.3)
+    ap.add_argument("--large-scales", type=float, default=4.0, help="wavenumber up to which the scale-dependent "
+                    "row leaves the state's scales unlocalised")
     ap.add_argument("--sec-alpha", type=float, default=1.0, help="SEC power alpha (rho = |R|^alpha)")
     ap.add_argument("--eki-iterations", type=int, default=34, help="EKI iterations (its budget: J x iterations)")
     ap.add_argument("--eki-prior", default="grf", help="EKI's prior: grf (a Gaussian random field, alpha 2.5, tau 3, "

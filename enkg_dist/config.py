@@ -138,6 +138,9 @@ class LocalisationSettings(_Model):
     alpha: float = Field(1.0, ge=0, description="SEC power")
     cutoff: float = Field(0.0, ge=0, lt=1, description="SEC: drop corrected correlations below this")
     delta: float = Field(1.0, gt=0, description="NICE: discrepancy-principle tolerance scale")
+    large_scales: float | None = Field(
+        None, ge=0, description="scale-dependent localisation: the state's scales |k| <= this wavenumber (of the "
+                                "problem's periodic grid) are left unlocalised, the taper acts on the rest")
     mean_update: Literal["localised", "raw"] = Field(
         "localised", description="localised: the whole update is localised; raw (EnKG only): the ensemble mean moves "
                                  "by the unlocalised gain, as in the authors' update, and only the members' "

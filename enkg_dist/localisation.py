@@ -73,6 +73,7 @@ class Localiser:
 
     needs_correlations = False
     raw_mean = False  # EnKG: the mean moves by the unlocalised gain, only the deviations by rho o C
+    large_scales: tuple[int, int, float] | None = None  # (n, channels, k_L): scales |k| <= k_L left unlocalised
 
     def blocks(self, d: int, m: int) -> list[torch.Tensor]:
         """State row indices, block by block (each block's C has at most BLOCK_ELEMENTS entries)."""
@@ -282,13 +283,33 @@ def _correlations(Cb: torch.Tensor, sx: torch.Tensor, sp: torch.Tensor) -> torch
     return torch.where(den > 0, Cb / den.clamp_min(1e-300), torch.zeros((), dtype=Cb.dtype))
 
 
+def low_pass(X: torch.Tensor, n: int, channels: int, k_max: float) -> torch.Tensor:
+    """The scales |k| <= k_max (integer wavenumbers of the periodic n x n grid) of each row of X, a (channels, n, n)
+    field: X_L with X - X_L the rest."""
+    f = torch.fft.rfft2(X.reshape(-1, channels, n, n))
+    k1 = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)[:, None]
+    k2 = torch.fft.rfftfreq(n, 1.0 / n, dtype=torch.float64)[None, :]
+    keep = (k1**2 + k2**2 <= k_max**2).to(device=X.device)
+    return torch.fft.irfft2(f * keep, s=(n, n)).reshape(X.shape)
+
+
 def localised_apply(X: torch.Tensor, P: torch.Tensor, V: torch.Tensor, localiser: Localiser,
                     stats: BlockStats | None = None) -> torch.Tensor:
     """Delta (n, d) with Delta_j = (rho o C_xpsi) v_j, C_xpsi = X'^T P' / n, for the rows v_j of V (n, m).
 
     X (n, d) and P (n, m) are anomalies. Memory: O(n (d + m)) plus one block of C (at most BLOCK_ELEMENTS entries).
-    Works on transposed copies, so that a block's rows and columns are contiguous gathers.
+    Works on transposed copies, so that a block's rows and columns are contiguous gathers. With
+    `localiser.large_scales` the gain is scale-dependent (Buehner & Shlyaeva 2015, with no taper on the large
+    scales): C_xpsi = X_L'^T P' / n + X_S'^T P' / n, the large scales X_L' = low_pass(X') unlocalised and rho on the
+    rest only, rho computed from the rest's correlations.
     """
+    if localiser.large_scales is not None:
+        XL = low_pass(X, *localiser.large_scales)
+        return _localised_apply(X - XL, P, V, localiser, stats) + ((V @ P.T) / X.shape[0]) @ XL
+    return _localised_apply(X, P, V, localiser, stats)
+
+
+def _localised_apply(X, P, V, localiser: Localiser, stats: BlockStats | None) -> torch.Tensor:
     n, d = X.shape
     m = P.shape[1]
     XT, PT, VT = X.T.contiguous(), P.T.contiguous(), V.T.contiguous()

@@ -214,18 +214,23 @@ def make_localiser(settings, forward, key: str = "enkg"):
     loc = settings.localisation
     if loc.kind == "none":
         return None
+    geometry = forward.geometry() if loc.kind == "gaspari_cohn" or loc.large_scales is not None else None
+    if loc.kind == "gaspari_cohn" and geometry is None:
+        raise cfgmod.ConfigError(f"config error: {key}.localisation.kind: gaspari_cohn needs a geometry and this "
+                                 "problem declares none (give problem.coordinates, or use kind: nice, which needs "
+                                 "none)")
+    if loc.large_scales is not None and geometry is None:
+        raise cfgmod.ConfigError(f"config error: {key}.localisation.large_scales: needs the state's periodic grid and "
+                                 "this problem declares none (give problem.coordinates)")
     if loc.kind == "sec":
         out = localisation.SEC(loc.alpha, loc.cutoff)
     elif loc.kind == "nice":
         out = localisation.NICE(loc.delta)
     else:
-        geometry = forward.geometry()
-        if geometry is None:
-            raise cfgmod.ConfigError(f"config error: {key}.localisation.kind: gaspari_cohn needs a geometry and "
-                                     "this problem declares none (give problem.coordinates, or use kind: nice, which "
-                                     "needs none)")
         out = localisation.GaspariCohn(geometry, loc.radius)
     out.raw_mean = loc.mean_update == "raw"
+    if loc.large_scales is not None:
+        out.large_scales = (geometry.n, geometry.channels, loc.large_scales)
     return out
 
 

@@ -140,6 +140,47 @@ def test_raw_mean_is_set_from_the_config_and_refused_for_eki():
         cfgmod.load_config(None, ["method=eki", "eki.localisation={kind: sec, mean_update: raw}"])
 
 
+@pytest.mark.parametrize("make", ["gc", "sec", "nice"])
+def test_scale_dependent_gain_is_the_unlocalised_large_scales_plus_the_localised_rest(make):
+    """large_scales: C = C_L + rho(S) o C_S with C_L from the low-passed anomalies; every scale large gives the
+    unlocalised product, none (k_L < 0 is refused; k_L = 0 keeps the fields' means) the localised one of the rest."""
+    X, psi, y = _ensemble(J=9)
+    J = X.shape[0]
+    geo = grid_geometry(12, 2)
+    make_loc = {"gc": lambda: GaspariCohn(geo, 2.0), "sec": lambda: SEC(1.0), "nice": lambda: NICE()}[make]
+    Xa, Pa = kalman.anomalies(X.reshape(J, -1)), kalman.anomalies(psi)
+    V = torch.randn(J, 36, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    f = torch.fft.rfft2(Xa.reshape(J, 12, 12))
+    k = torch.fft.fftfreq(12, 1 / 12, dtype=torch.float64)
+    keep = (k[:, None] ** 2 + k[None, :7].abs() ** 2) <= 9.0
+    XL = torch.fft.irfft2(torch.where(keep, f, 0), s=(12, 12)).reshape(J, -1)
+    assert torch.allclose(localisation.low_pass(Xa, 12, 1, 3.0), XL, atol=1e-13)
+    loc = make_loc()
+    loc.large_scales = (12, 1, 3.0)
+    got = localisation.localised_apply(Xa, Pa, V, loc)
+    ref_rest = localisation.localised_apply(Xa - XL, Pa, V, make_loc())
+    assert torch.allclose(got, ref_rest + V @ (XL.T @ Pa / J).T, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, localisation.localised_apply(Xa, Pa, V, make_loc()), atol=1e-6)
+    loc.large_scales = (12, 1, 100.0)  # every scale is large: the unlocalised gain
+    assert torch.allclose(localisation.localised_apply(Xa, Pa, V, loc), V @ (Xa.T @ Pa / J).T, rtol=0, atol=1e-12)
+
+
+def test_large_scales_is_set_from_the_config_and_needs_a_grid(tmp_path):
+    from enkg_dist import config as cfgmod
+    from enkg_dist import runner
+
+    built = runner.build(cfgmod.load_config(None, ["enkg.localisation={kind: gaspari_cohn, radius: 4, "
+                                                   "large_scales: 3}"]))
+    n = built.problem.forward.geometry().n
+    assert built.localiser.large_scales == (n, 1, 3.0)
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros(16))
+    base = ["problem={kind: external, command: ['{python}', '-m', 'enkg_dist.problems.example_program', "
+            "'{input}', '{output}'], n: 8, obs_size: 16, observation: " + str(y) + "}", "prior={kind: gaussian}"]
+    msg = _one_line(base + ["enkg.localisation={kind: nice, large_scales: 2}"], job=None)
+    assert msg.startswith("config error: enkg.localisation.large_scales: needs the state's periodic grid")
+
+
 def test_full_gamma_enters_as_its_inverse():
     X, psi, y = _ensemble(J=6)
     A = torch.randn(36, 36, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
