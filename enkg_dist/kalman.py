@@ -163,7 +163,8 @@ def enkg_update(
     n = xs.shape[0]
     X = xs.reshape(n, -1)
     R = Gamma.whiten(ps - y)  # whitened residuals (n, m)
-    P = Gamma.whiten(anomalies(ps))  # whitened output anomalies (n, m)
+    Pa = anomalies(ps)
+    P = Gamma.whiten(Pa)  # whitened output anomalies (n, m)
     A = R @ P.T  # (n, n), the one J x J matrix
     A.div_(n)
     norm_A = float(torch.linalg.matrix_norm(A))
@@ -180,13 +181,13 @@ def enkg_update(
         w, guarded = guard / trace_Cpp, True
     if localiser is None:
         X_new = apply_to_anomalies(X, A, w, block_bytes).reshape(xs.shape)
-    elif localiser.raw_mean:
-        Xa, Pa = anomalies(X), anomalies(ps)
-        mean_delta = ((P @ Gamma.whiten(ps.mean(0) - y)) / n) @ Xa  # C_xpsi Gamma^{-1} (mean psi - y)
-        delta = localised_apply(Xa, Pa, Gamma.inverse(Pa), localiser) + mean_delta
-        X_new = (X - w * delta).reshape(xs.shape)
     else:
-        delta = localised_apply(anomalies(X), anomalies(ps), Gamma.inverse(ps - y), localiser)
+        Xa = anomalies(X)
+        if localiser.raw_mean:  # C_xpsi Gamma^{-1} (mean psi - y) + (rho o C_xpsi) Gamma^{-1} (psi_j - mean psi)
+            delta = localised_apply(Xa, Pa, Gamma.inverse(Pa), localiser)
+            delta += ((P @ Gamma.whiten(ps.mean(0) - y)) / n) @ Xa
+        else:
+            delta = localised_apply(Xa, Pa, Gamma.inverse(ps - y), localiser)
         X_new = (X - w * delta).reshape(xs.shape)
     info = UpdateInfo(w, norm_A, trace_Cpp, norm_Cpp, n, float((R**2).sum(1).mean()) / R.shape[1], guarded)
     return _put_back(x, idx, X_new), info

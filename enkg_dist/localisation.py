@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from enkg_dist.fields import wavenumbers
+
 BLOCK_ELEMENTS = 2**22  # entries of one block of C (rows x cols): 32 MiB in float64
 
 
@@ -287,8 +289,7 @@ def low_pass(X: torch.Tensor, n: int, channels: int, k_max: float) -> torch.Tens
     """The scales |k| <= k_max (integer wavenumbers of the periodic n x n grid) of each row of X, a (channels, n, n)
     field: X_L with X - X_L the rest."""
     f = torch.fft.rfft2(X.reshape(-1, channels, n, n))
-    k1 = torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)[:, None]
-    k2 = torch.fft.rfftfreq(n, 1.0 / n, dtype=torch.float64)[None, :]
+    k1, k2 = wavenumbers(n)
     keep = (k1**2 + k2**2 <= k_max**2).to(device=X.device)
     return torch.fft.irfft2(f * keep, s=(n, n)).reshape(X.shape)
 

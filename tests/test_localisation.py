@@ -142,8 +142,8 @@ def test_raw_mean_is_set_from_the_config_and_refused_for_eki():
 
 @pytest.mark.parametrize("make", ["gc", "sec", "nice"])
 def test_scale_dependent_gain_is_the_unlocalised_large_scales_plus_the_localised_rest(make):
-    """large_scales: C = C_L + rho(S) o C_S with C_L from the low-passed anomalies; every scale large gives the
-    unlocalised product, none (k_L < 0 is refused; k_L = 0 keeps the fields' means) the localised one of the rest."""
+    """large_scales: low_pass against a literal FFT mask; C = C_L + rho(S) o C_S with C_L from the low-passed
+    anomalies, which differs from tapering all scales; every scale large gives the unlocalised product."""
     X, psi, y = _ensemble(J=9)
     J = X.shape[0]
     geo = grid_geometry(12, 2)
