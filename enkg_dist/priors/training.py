@@ -1,7 +1,7 @@
 """EDM training of the UNet prior (Karras et al. 2022, §5 and Table 1): ln σ ~ N(P_mean, P_std²), loss
-λ(σ) ‖D(x0 + σ n; σ) − x0‖² with λ(σ) = (σ² + σ_d²)/(σ σ_d)², Adam with linear warm-up, gradient clipping, an EMA
-of the weights (EDM's half-life in samples with ramp-up), validation denoising error per σ band, periodic
-checkpoints and bit-identical resume.
+λ(σ) ‖D(x0 + σ n; σ) − x0‖² with λ(σ) = (σ² + σ_d²)/(σ σ_d)², Adam with linear warm-up and an optional cosine
+decay, gradient clipping, an EMA of the weights (EDM's half-life in samples with ramp-up), validation denoising
+error per σ band, periodic checkpoints and bit-identical resume.
 
 Randomness is stateless: step t on rank r draws its batch, augmentation, σ, noise and dropout from a generator keyed
 by (seed, rank, t), so a resumed run repeats an uninterrupted one bit for bit from model, EMA, optimizer and step
@@ -40,6 +40,8 @@ from enkg_dist.schema import apply_overrides, one_line_error
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
 # keys that may change on resume (they do not change the weights, or only their rounding)
 RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "device", "threads"}
+# keys of the learning-rate schedule: they may change on resume when the schedule up to the checkpoint stays the same
+SCHEDULE = ("lr_decay_start", "lr_decay_steps", "lr_final")
 
 
 class TrainConfig(BaseModel):
@@ -51,6 +53,10 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(32, ge=1, description="global batch (split over ranks)")
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up")
+    lr_decay_start: int | None = Field(None, ge=0, description="step where a cosine decay of the learning rate "
+                                       "starts; null: constant after the warm-up")
+    lr_decay_steps: int = Field(1000, ge=1, description="length of the cosine decay")
+    lr_final: float = Field(0.0, ge=0, le=1, description="learning rate after the decay, as a fraction of lr")
     steps: int = Field(2000, ge=1, description="total optimizer steps")
     ema_halflife: float = Field(10_000, gt=0, description="EMA half-life in training samples")
     ema_rampup: float | None = Field(0.05, gt=0, description="half-life <= rampup x samples seen (EDM); null: off")
@@ -141,6 +147,16 @@ def amp_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cfg.precision == "bfloat16" else None
 
 
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant, or a cosine decay from lr to
+    lr_final·lr over lr_decay_steps from lr_decay_start (Loshchilov & Hutter 2017, no restarts)."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_decay_start is None or step < cfg.lr_decay_start:
+        return lr
+    t = min(1.0, (step - cfg.lr_decay_start) / cfg.lr_decay_steps)
+    return lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def ema_beta(step: int, cfg: TrainConfig) -> float:
     """EDM's EMA decay after `step` steps: β = 0.5^(batch/h), h = min(half-life, rampup · samples seen)."""
     half = cfg.ema_halflife
@@ -217,10 +233,15 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
     return dist.get_rank(), dist.get_world_size(), device, started
 
 
-def _check_resume(stored: dict, cfg: TrainConfig, model_cfg: UNetConfig, path) -> None:
-    """Refuse a resume whose config differs from the stored one in keys that change the result."""
+def _check_resume(stored: dict, cfg: TrainConfig, model_cfg: UNetConfig, path, step: int) -> None:
+    """Refuse a resume whose config differs from the stored one in keys that change the result: a schedule key may
+    change when the learning rate of every step before the checkpoint's `step` stays the same (a decay added later)."""
     now = {**cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
-    diff = sorted(k for k in set(now) | set(stored) if k not in RESUME_FREE and now.get(k) != stored.get(k))
+    stored = {**{k: TrainConfig.model_fields[k].default for k in SCHEDULE}, **stored}  # saved before these keys
+    same_past = all(learning_rate(t, cfg.model_copy(update={k: stored[k] for k in SCHEDULE})) == learning_rate(t, cfg)
+                    for t in range(step))
+    free = RESUME_FREE | (set(SCHEDULE) if same_past else set())
+    diff = sorted(k for k in set(now) | set(stored) if k not in free and now.get(k) != stored.get(k))
     if diff:
         raise ValueError(f"{path}: cannot resume with a different config in {diff} (stored: "
                          f"{ {k: stored.get(k) for k in diff} })")
@@ -300,7 +321,7 @@ def apply_gradients(run: Run, cfg: TrainConfig) -> torch.Tensor:
         torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
     for group in run.opt.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (run.step + 1) / max(cfg.warmup_steps, 1))
+        group["lr"] = learning_rate(run.step, cfg)
     run.opt.step()
     run.step += 1
     beta = ema_beta(run.step, cfg)
@@ -314,7 +335,7 @@ def _train(cfg, model_cfg, data, val, data_info, out_dir, ckpt, rank, world, dev
     run = Run(cfg, model_cfg, device)
     if ckpt is not None:
         meta, state = load_checkpoint(ckpt)
-        _check_resume(meta["train"], cfg, model_cfg, ckpt)
+        _check_resume(meta["train"], cfg, model_cfg, ckpt, int(state["step"]))
         if meta.get("hardware", hardware_kind(device)) != hardware_kind(device):
             warnings.warn(f"{ckpt}: resuming on {hardware_kind(device)} a run trained on {meta['hardware']}: the "
                           "weights will not be bit-identical to an uninterrupted run", RuntimeWarning, stacklevel=2)

@@ -251,3 +251,38 @@ def test_torchrun_two_processes(ns_data, tmp_path):
         torch.testing.assert_close(value, state["model"][name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(not torch.equal(v, Run(cfg, model_cfg, "cpu").model.state_dict()[k])
                for k, v in state["model"].items())  # the weights did move
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
+    """Warm-up (step + 1)/W, then lr until the decay starts, the cosine's midpoint at half way, lr_final after."""
+    from enkg_dist.priors.training import learning_rate
+
+    cfg = tiny_config(lr=1e-3, warmup_steps=4, lr_decay_start=10, lr_decay_steps=20, lr_final=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(2.5e-4) and learning_rate(3, cfg) == pytest.approx(1e-3)
+    assert learning_rate(10, cfg) == pytest.approx(1e-3)
+    assert learning_rate(20, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(30, cfg) == pytest.approx(1e-4) and learning_rate(500, cfg) == pytest.approx(1e-4)
+    lrs = [learning_rate(t, cfg) for t in range(10, 31)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(500, tiny_config(lr=1e-3, warmup_steps=4)) == 1e-3  # no decay by default
+
+
+def test_a_decay_added_at_resume_equals_an_uninterrupted_run_with_it(grf, tmp_path):
+    """Train 3 steps with no decay, resume to 6 with a decay from step 3: the bits of a run with the decay throughout;
+    a decay that would have changed steps before the checkpoint is refused."""
+    cfg = tiny_config(steps=6, checkpoint_every=3, val_every=3, warmup_steps=2, lr_decay_start=3, lr_decay_steps=2,
+                      lr_final=0.2)
+    train(cfg, grf[0], tmp_path / "a", grf[1], progress=False)
+    plain = cfg.model_copy(update={"steps": 3, "lr_decay_start": None, "lr_decay_steps": 1000, "lr_final": 0.0})
+    train(plain, grf[0], tmp_path / "b", grf[1], progress=False)
+    changed = r"cannot resume with a different config in \['lr_decay_start', 'lr_decay_steps', 'lr_final'\]"
+    with pytest.raises(ValueError, match=changed):
+        train(cfg.model_copy(update={"lr_decay_start": 1}), grf[0], tmp_path / "b", resume=True, progress=False)
+    train(cfg, grf[0], tmp_path / "b", grf[1], resume=True, progress=False)
+    _, a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    _, b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    flat_a, flat_b = {}, {}
+    flatten(a, "", flat_a), flatten(b, "", flat_b)
+    assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+    lrs = [r["lr"] for r in read_log(tmp_path / "b") if "lr" in r]  # record t holds step t - 1's rate
+    assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3, 3e-3 * 0.6, 3e-3 * 0.2])
