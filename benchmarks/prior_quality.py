@@ -3,6 +3,7 @@
     python benchmarks/prior_quality.py grf                        # (a) learned vs exact Gaussian denoiser
     python benchmarks/prior_quality.py samples DATA.zarr [--checkpoint builtin:ns32]   # (b) PF-ODE samples vs data
     python benchmarks/prior_quality.py enkg DATA.zarr [--truths 0,1]                   # (c) EnKG: learned vs fitted
+    python benchmarks/prior_quality.py denoise DATA.zarr --checkpoint A,B              # (d) denoiser MSE per sigma
 
 (a) trains a small EDM UNet on draws of a Gaussian random field, whose exact denoiser is known, and prints the
     learned denoiser's mean squared error over the exact one's per sigma (1 is optimal; the identity's is sigma^2).
@@ -13,6 +14,8 @@
     split's spectrum is the baseline throughout.
 (c) runs the same EnKG inversion (Navier-Stokes, the shipped default job's settings) with the learned prior and
     with the fitted Gaussian prior, and prints the relative L2 error of the ensemble mean for each truth.
+(d) denoises the held-out test fields at fixed noise draws with each checkpoint and with the fitted Gaussian (the
+    exact posterior mean were the data Gaussian), and prints each one's mean squared error against the clean fields.
 """
 
 from __future__ import annotations
@@ -126,6 +129,31 @@ def samples(args) -> None:
     print(f"| held-out test fields | 0 | 0 | {near_test:.3f} |")
 
 
+def denoise(args) -> None:
+    """(d) denoiser MSE on the held-out test split per sigma: each checkpoint's against the fitted Gaussian's."""
+    from enkg_dist.data import open_dataset
+    from enkg_dist.priors.learned import LearnedPrior
+
+    torch.set_num_threads(args.threads)
+    train_x = torch.from_numpy(np.asarray(open_dataset(args.data, "train"))).to(torch.float64)
+    x0 = torch.from_numpy(np.asarray(open_dataset(args.data, "test"))).to(torch.float64).repeat(args.draws, 1, 1, 1)
+    n = x0.shape[-1]
+    names = args.checkpoint.split(",")
+    denoisers = {"fitted Gaussian": GaussianFieldPrior.fit(train_x, radial=True).denoise}
+    denoisers.update({c: LearnedPrior.from_checkpoint(c, device="cpu", resolution=n).denoise for c in names})
+    sigmas = [float(v) for v in args.sigmas.split(",")]
+    print(f"(d) denoiser MSE on {x0.shape[0]} noisy copies of the held-out test fields ({n}x{n}); in brackets: over "
+          "the fitted Gaussian's")
+    print("| sigma | " + " | ".join(denoisers) + " | identity |")
+    print("|---|" + "---|" * (len(denoisers) + 1))
+    for i, sigma in enumerate(sigmas):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
+        mse = {k: float(((d(x0 + sigma * noise, sigma) - x0) ** 2).mean()) for k, d in denoisers.items()}
+        g = mse["fitted Gaussian"]
+        print(f"| {sigma:g} | " + " | ".join(f"{v:.3e} ({v / g:.2f})" for v in mse.values()) + f" | {sigma**2:.3e} |",
+              flush=True)
+
+
 def enkg(args) -> None:
     """(c) the same EnKG inversion with the learned prior and with the fitted Gaussian prior."""
     from enkg_dist import config as cfgmod
@@ -164,16 +192,20 @@ def main() -> None:
     b = sub.add_parser("samples")
     b.add_argument("data")
     b.add_argument("--ode-steps", type=int, default=32)
+    d = sub.add_parser("denoise")
+    d.add_argument("data")
+    d.add_argument("--sigmas", default="0.05,0.2,0.5,1,2,5")
+    d.add_argument("--draws", type=int, default=4, help="noise draws per test field")
     c = sub.add_parser("enkg")
     c.add_argument("data")
     c.add_argument("--truths", default="0,1")
     c.add_argument("--set", action="append", default=[], help="override a key of the default job")
-    for p in (b, c):
+    for p in (b, c, d):
         p.add_argument("--checkpoint", default="builtin:ns32")
-    for p in (a, b, c):
+    for p in (a, b, c, d):
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"grf": grf, "samples": samples, "enkg": enkg}[args.what](args)
+    {"grf": grf, "samples": samples, "enkg": enkg, "denoise": denoise}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ def tiny_config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def assert_same_state(a, b):
+    """The checkpoints in run folders a and b hold the same bits: weights, EMA, optimizer, step."""
+    flat_a, flat_b = {}, {}
+    flatten(load_checkpoint(a / "checkpoint.pt")[1], "", flat_a)
+    flatten(load_checkpoint(b / "checkpoint.pt")[1], "", flat_b)
+    assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+
+
 def read_log(path):
     return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
@@ -139,11 +147,7 @@ def test_resume_is_bit_identical(grf, tmp_path):
     with open(tmp_path / "b" / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
     train(cfg, grf[0], tmp_path / "b", grf[1], resume=True, progress=False)
-    _, a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    _, b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    flat_a, flat_b = {}, {}
-    flatten(a, "", flat_a), flatten(b, "", flat_b)
-    assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+    assert_same_state(tmp_path / "a", tmp_path / "b")
     strip = lambda log: [{k: v for k, v in r.items() if k != "sec_per_step"} for r in log]  # noqa: E731
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
@@ -279,10 +283,6 @@ def test_a_decay_added_at_resume_equals_an_uninterrupted_run_with_it(grf, tmp_pa
     with pytest.raises(ValueError, match=changed):
         train(cfg.model_copy(update={"lr_decay_start": 1}), grf[0], tmp_path / "b", resume=True, progress=False)
     train(cfg, grf[0], tmp_path / "b", grf[1], resume=True, progress=False)
-    _, a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    _, b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    flat_a, flat_b = {}, {}
-    flatten(a, "", flat_a), flatten(b, "", flat_b)
-    assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a)
+    assert_same_state(tmp_path / "a", tmp_path / "b")
     lrs = [r["lr"] for r in read_log(tmp_path / "b") if "lr" in r]  # record t holds step t - 1's rate
     assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3, 3e-3 * 0.6, 3e-3 * 0.2])
