@@ -97,7 +97,7 @@ _RUNS = [0]
 
 
 def one(a, label: str, overrides: list[str], J: int, truth: int, out: Path) -> dict:
-    cfg = cfgmod.load_config(None, [*base(a, J, truth), *overrides])
+    cfg = cfgmod.load_config(None, [*base(a, J, truth), *overrides, *a.set])
     if label.startswith("DPS"):
         return run_dps(cfg, a)
     _RUNS[0] += 1
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--eki-prior", default="grf", help="EKI's prior: grf (a Gaussian random field, alpha 2.5, tau 3, "
                     "std 0.5, as the paper's EKI) or gaussian_fit:DATA.zarr (the Gaussian fitted to the training data)")
     ap.add_argument("--dps-scale", type=float, default=1.0, help="DPS zeta (data units; measured: 1 fits, 5 diverges)")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of every run's job, after "
+                    "the method's own (e.g. enkg.scale=4); recorded in --json's args")
     ap.add_argument("--truths", default="0,1")
     ap.add_argument("--methods", default="all",
                     help="comma-separated indices into the method list, all, or none (--curve only)")
