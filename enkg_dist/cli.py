@@ -62,12 +62,12 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="run on Ray: 'auto', HOST:PORT"),
 ):
     """Run an EnKG (or EKI) inversion."""
-    from enkg_dist import api, runner
-
     try:
         cfg = cfgmod.load_config(job, set_)
     except cfgmod.ConfigError as e:
         _fail(str(e))
+    from enkg_dist import api, runner  # torch and Ray: after the job is known to be valid
+
     if dry_run:
         typer.echo(cfgmod.dump(cfg), nl=False)
         typer.echo(f"# budget: {json.dumps(runner.forward_budget(cfg))}")
@@ -131,12 +131,14 @@ def sweep_cmd(
     only: Optional[str] = typer.Option(None, "--only", hidden=True, help="one point (a parallel sweep's process)"),
 ):
     """Run a study: a base job and a grid of settings, each point a resumable run directory; a table and figures."""
-    from enkg_dist import runner, sweep
+    from enkg_dist import sweep
 
     try:
         study = sweep.load_study(study_file, study_dir)
     except cfgmod.ConfigError as e:
         _fail(str(e))
+    from enkg_dist import runner  # torch and Ray: after the study is known to be valid
+
     if dry_run:
         for p in study.points:
             typer.echo(f"{study.dir / p.name}  {sweep.point_status(study.dir / p.name)}  "

@@ -14,7 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from enkg_dist import schema
 from enkg_dist.plugin_config import (DiffusersPrior, NoiseSettings, PythonPrior,  # noqa: F401 - config's own keys
                                      PythonProblem)
-from enkg_dist.sampler import EnKGConfig
+from enkg_dist.hyperparameters import EnKGConfig
 from enkg_dist.schema import ConfigError, apply_overrides, parse_value, printable  # noqa: F401 - config's own API
 
 
@@ -154,7 +154,7 @@ class LocalisationSettings(_Model):
 
 
 def _method_fields(method) -> dict:
-    """Pydantic field definitions from a method's dataclass (sampler.EnKGConfig): its types, defaults, bounds and
+    """Pydantic field definitions from a method's dataclass (hyperparameters.EnKGConfig): its types, defaults, bounds and
     descriptions, in its order."""
     hints = typing.get_type_hints(method)
     return {f.name: (hints[f.name], Field(f.default, **f.metadata)) for f in dataclasses.fields(method)}
@@ -180,11 +180,11 @@ class _EnKGChecks(_Model):
 
 
 _ENKG = _method_fields(EnKGConfig)
-# The `enkg:` section: the sampler's one field list (sampler.EnKGConfig), plus the run's ensemble size and
+# The `enkg:` section: the sampler's one field list (hyperparameters.EnKGConfig), plus the run's ensemble size and
 # localisation, in the order job files have always listed them.
 EnKGSettings = create_model(
     "EnKGSettings", __base__=_EnKGChecks, __module__=__name__,
-    __doc__="EnKG hyperparameters (enkg.md §2): the fields of enkg_dist.sampler.EnKGConfig, plus J and localisation.",
+    __doc__="EnKG hyperparameters (enkg.md §2): the fields of enkg_dist.hyperparameters.EnKGConfig, plus J and localisation.",
     ensemble_size=(int, Field(256, ge=2, description="J")),
     **{k: v for k, v in _ENKG.items() if k not in ("inflation", "inflation_factor")},
     localisation=(LocalisationSettings, Field(default_factory=LocalisationSettings)),

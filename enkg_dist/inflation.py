@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("none", "multiplicative", "rtps")
+from enkg_dist.hyperparameters import INFLATION_KINDS as KINDS
 
 
 def _members(x: torch.Tensor, ok: torch.Tensor | None) -> torch.Tensor:

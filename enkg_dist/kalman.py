@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from enkg_dist.hyperparameters import FAILURE_POLICIES, STEP_RULES  # noqa: F401 - kalman's API
 from enkg_dist.localisation import Localiser, localised_apply, localised_output_covariance
 from enkg_dist.noise import NoiseCovariance
 
-STEP_RULES = ("frobenius", "trace")
 BLOCK_BYTES = 64 * 2**20  # the largest temporary of the unlocalised updates; work past it goes in blocks
-FAILURE_POLICIES = ("keep", "resample")
 
 
 class EnsembleCollapseError(RuntimeError):

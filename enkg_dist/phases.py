@@ -8,9 +8,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from enkg_dist.sampler import DenoiserMaps
-
-
 PHASES = ("denoise", "forward", "update", "store")  # a step's row besides its total (the store's timing fields)
 
 
@@ -46,19 +43,3 @@ class PhaseClock:
         """The step's row: total, each phase, and update = what the phases leave of the total."""
         s = self.seconds
         return {"total": total, **s, "update": max(0.0, total - sum(s.values()))}
-
-
-class TimedMaps(DenoiserMaps):
-    """A step's prior computations (another DenoiserMaps, local or remote) with their time counted as 'denoise'."""
-
-    def __init__(self, inner: DenoiserMaps, clock: PhaseClock):
-        super().__init__(inner.denoise)
-        self.inner, self.clock = inner, clock
-
-    def x_hat_map(self, x, sigma, n_ode, sigma_min, rho):
-        with self.clock.phase("denoise"):
-            return self.inner.x_hat_map(x, sigma, n_ode, sigma_min, rho)
-
-    def predict(self, x, sigma, sigma_next, method):
-        with self.clock.phase("denoise"):
-            return self.inner.predict(x, sigma, sigma_next, method)

@@ -19,7 +19,7 @@ from enkg_dist.backends import local_backend, ray_backend
 from enkg_dist.evaluation import TooManyFailures
 from enkg_dist.kalman import EnsembleCollapseError
 from enkg_dist.metrics import ensemble_metrics, posterior_metrics, rank_histogram
-from enkg_dist.phases import PhaseClock, TimedMaps
+from enkg_dist.phases import PhaseClock
 from enkg_dist.plots import reconstruction_figure
 from enkg_dist.priors import GaussianPrior, Prior
 from enkg_dist.problems.base import InverseProblem
@@ -598,7 +598,7 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
         x = x.to(device)
     with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
         hooks = _StepHooks(store, evaluator, backend, bar, clock)
-        maps = TimedMaps(sampler.maps_of(backend.denoise), clock)
+        maps = sampler.TimedMaps(sampler.maps_of(backend.denoise), lambda: clock.phase("denoise"))
         return sampler.enkg_sample(maps, clock.wrap("forward", evaluator), x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
                                    start, built.localiser, before_step=hooks.before_step)
 

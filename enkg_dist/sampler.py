@@ -11,72 +11,19 @@ from __future__ import annotations
 import dataclasses
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
 from enkg_dist import inflation, kalman, rng, schedules
+from enkg_dist.hyperparameters import PREDICTORS, EnKGConfig  # noqa: F401 - the sampler's API
 from enkg_dist.evaluation import Evaluate, take_in
 from enkg_dist.localisation import Localiser
 from enkg_dist.noise import NoiseCovariance
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-
-PREDICTORS = ("euler", "heun")
-
-
-def setting(default, description: str | None = None, **bounds):
-    """A hyperparameter of a method's dataclass with its bounds (ge, gt, le) and description: the one field list
-    that the run configuration (config.EnKGSettings) builds its schema from, so the two cannot drift apart."""
-    return field(default=default, metadata={**bounds, **({"description": description} if description else {})})
-
-
-@dataclass(frozen=True)
-class EnKGConfig:
-    """Hyperparameters of EnKG (enkg.md §2-3); defaults are the authors' Navier-Stokes settings except the guard.
-
-    The job file's `enkg:` section is this dataclass's fields (types, defaults, bounds, descriptions), plus the
-    run's own ensemble_size and localisation (config.EnKGSettings)."""
-
-    num_steps: int = setting(80, "N, diffusion steps", ge=1, le=100_000)
-    sigma_max: float = setting(80.0, gt=0)
-    sigma_min: float = setting(0.002, gt=0)
-    rho: float = setting(7.0, gt=0)
-    scale: float = setting(2.0, "guidance scale s", gt=0)
-    lr_min_ratio: float | None = setting(None, "linear decay of s to this ratio (None: constant)", ge=0, le=1)
-    # "frobenius" (code: s/|A|_F) or "trace" (paper: s/tr C_psipsi)
-    step_rule: Literal[kalman.STEP_RULES] = "frobenius"
-    guard: float | None = setting(1.0, "cap w <= guard/tr(C_psipsi); null for the authors' step", gt=0)
-    num_corrections: int = setting(2, "K", ge=0)
-    guidance_start: float = setting(0.05, ge=0, le=1)
-    guidance_end: float = setting(0.05, ge=0, le=1)
-    ode_divisor: int = setting(4, ge=1)
-    ode_max_steps: int = setting(20, ge=1)
-    predictor: Literal[PREDICTORS] = "euler"
-    failure_policy: Literal[kalman.FAILURE_POLICIES] = "keep"  # failed members: "keep" unmoved, or "resample"
-    inflation: Literal[inflation.KINDS] = setting("none", "spread control after each step's corrections")
-    inflation_factor: float = setting(1.0, "lambda (multiplicative) or alpha (rtps, in [0, 1])", ge=0)
-
-    def __post_init__(self):
-        if self.step_rule not in kalman.STEP_RULES:
-            raise ValueError(f"step_rule {self.step_rule!r} not in {kalman.STEP_RULES}")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor {self.predictor!r} not in {PREDICTORS}")
-        if self.failure_policy not in kalman.FAILURE_POLICIES:
-            raise ValueError(f"failure_policy {self.failure_policy!r} not in {kalman.FAILURE_POLICIES}")
-        if self.inflation not in inflation.KINDS:
-            raise ValueError(f"inflation {self.inflation!r} not in {inflation.KINDS}")
-        if self.num_steps < 1 or self.num_corrections < 0:
-            raise ValueError("num_steps must be >= 1 and num_corrections >= 0")
-
-    def sigmas(self) -> np.ndarray:
-        """sigma_0 > ... > sigma_{N-1} = sigma_min, then sigma_N = 0."""
-        return schedules.karras_sigmas(self.num_steps, self.sigma_max, self.sigma_min, self.rho)
-
-    def guided(self, i: int) -> bool:
-        return schedules.in_guidance_window(i, self.num_steps, self.guidance_start, self.guidance_end)
 
 
 @dataclass
@@ -145,6 +92,23 @@ class DenoiserMaps:
 
     def predict(self, x: torch.Tensor, sigma: float, sigma_next: float, method: str) -> torch.Tensor:
         return predictor(self.denoise, x, sigma, sigma_next, method)
+
+
+class TimedMaps(DenoiserMaps):
+    """Another DenoiserMaps (local or remote) whose calls run inside `phase()`, a context manager: the runner's
+    clock counts them as the step's prior time (phases.PhaseClock)."""
+
+    def __init__(self, inner: DenoiserMaps, phase: Callable[[], AbstractContextManager]):
+        super().__init__(inner.denoise)
+        self.inner, self.phase = inner, phase
+
+    def x_hat_map(self, x, sigma, n_ode, sigma_min, rho):
+        with self.phase():
+            return self.inner.x_hat_map(x, sigma, n_ode, sigma_min, rho)
+
+    def predict(self, x, sigma, sigma_next, method):
+        with self.phase():
+            return self.inner.predict(x, sigma, sigma_next, method)
 
 
 def maps_of(denoise: Denoiser | DenoiserMaps) -> DenoiserMaps:

@@ -20,7 +20,7 @@ ALLOWED = {  # module path prefix -> heavy packages it may import
 # Pure modules: torch/numpy (schema: pydantic/yaml) and other pure modules only; any package may import them.
 PURE = ["kalman.py", "schedules.py", "sampler.py", "noise.py", "rng.py", "localisation.py", "inflation.py",
         "metrics.py", "devices.py", "fields.py", "evaluation.py", "schema.py", "threads.py", "factories.py",
-        "heap.py"]
+        "heap.py", "hyperparameters.py"]
 PURE_MODULES = {"enkg_dist." + name[:-3] for name in PURE}
 LEAVES = ("priors", "problems", "data")
 LEAF_MAY_IMPORT = {  # leaf package -> the other leaves' parts it may import (pure numerics, no orchestration)

@@ -77,3 +77,12 @@ def test_generate_data_command(tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["train"]["done"] == 4
     r = cli(*args[:-3], "--alpha", "3.0", "--no-progress")  # different parameters over an existing set
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_job_is_refused_before_torch_loads():
+    """The job is validated before the numerical stack is imported: a wrong key costs no torch import."""
+    code = ("import sys\nfrom enkg_dist.cli import main\nsys.argv = ['enkg-dist', 'run', '--set', 'enkg.bogus=1']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert "enkg.bogus: unknown key" in r.stderr

@@ -6,8 +6,8 @@ import zarr
 
 from enkg_dist import config as cfgmod
 from enkg_dist import report, runner
-from enkg_dist.phases import PhaseClock, TimedMaps
-from enkg_dist.sampler import DenoiserMaps
+from enkg_dist.phases import PhaseClock
+from enkg_dist.sampler import DenoiserMaps, TimedMaps
 
 
 def test_the_phases_and_the_update_add_up_to_the_total():
@@ -28,7 +28,7 @@ def test_the_phases_and_the_update_add_up_to_the_total():
 def test_timed_maps_count_the_prior_and_return_its_results_unchanged():
     clock = PhaseClock()
     inner = DenoiserMaps(lambda x, sigma: x / (1 + sigma**2))
-    maps = TimedMaps(inner, clock)
+    maps = TimedMaps(inner, lambda: clock.phase("denoise"))
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     assert torch.equal(maps.x_hat_map(x, 2.0, 3, 0.01, 7.0), inner.x_hat_map(x, 2.0, 3, 0.01, 7.0))
     assert torch.equal(maps.predict(x, 2.0, 1.0, "heun"), inner.predict(x, 2.0, 1.0, "heun"))
