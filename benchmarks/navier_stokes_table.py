@@ -3,6 +3,7 @@ prior and DPS (gradients by autograd through our solver), on the same problem, p
 
     python benchmarks/navier_stokes_table.py --n 64 --k 4 --noise 0 --J 32 --truths 0,1,2 --prior gaussian_fit:data/ns64.zarr
     python benchmarks/navier_stokes_table.py --n 32 --k 2 --prior builtin:ns32 --curve 16,32,64,128
+    python benchmarks/navier_stokes_table.py --n 64 --prior builtin:ns64 --truths 0,1,2,3,4,5,6,7,8,9 --truth-spectra
 
 Per method and truth: relative L2 of the ensemble mean and of the particles (the paper's metric), spread-skill, CRPS
 (in model units x = w/10), forward runs (DPS: forward and backward solves) and wall time; then the means over
@@ -105,6 +106,14 @@ def one(a, label: str, overrides: list[str], J: int, truth: int, out: Path) -> d
     return m
 
 
+def high_k_share(a, truth: int, k_cut: float = 8.0) -> float:
+    """The truth's share of vorticity variance at |k| > k_cut: sum |w_hat|^2 there over the sum (the mean is zero)."""
+    x = runner.build(cfgmod.load_config(None, base(a, a.J, truth))).problem.x_true.reshape(a.n, a.n)
+    k = torch.fft.fftfreq(a.n, 1.0 / a.n, dtype=torch.float64)
+    P = torch.fft.fft2(x.to(torch.float64)).abs() ** 2
+    return float(P[(k[:, None] ** 2 + k[None, :] ** 2) > k_cut**2].sum() / P.sum())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64)
@@ -136,9 +145,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="append one JSON line per run")
     ap.add_argument("--out", default="ns_table", help="folder for the figure")
+    ap.add_argument("--truth-spectra", action="store_true", help="print each truth's share of vorticity variance at "
+                    "|k| > 8 (its small-scale content) and stop")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     truths = [int(t) for t in a.truths.split(",")]
+    if a.truth_spectra:
+        for t in truths:
+            print(f"truth {t}: {high_k_share(a, t):.3f} of the variance at |k| > 8")
+        return
     table = methods(a)
     chosen = (list(table) if a.methods == "all" else [] if a.methods == "none"
               else [list(table)[int(i)] for i in a.methods.split(",")])
