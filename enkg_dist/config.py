@@ -154,8 +154,8 @@ class LocalisationSettings(_Model):
 
 
 def _method_fields(method) -> dict:
-    """Pydantic field definitions from a method's dataclass (hyperparameters.EnKGConfig): its types, defaults, bounds and
-    descriptions, in its order."""
+    """Pydantic field definitions from a method's dataclass (hyperparameters.EnKGConfig): its types, defaults,
+    bounds and descriptions, in its order."""
     hints = typing.get_type_hints(method)
     return {f.name: (hints[f.name], Field(f.default, **f.metadata)) for f in dataclasses.fields(method)}
 
@@ -184,7 +184,7 @@ _ENKG = _method_fields(EnKGConfig)
 # localisation, in the order job files have always listed them.
 EnKGSettings = create_model(
     "EnKGSettings", __base__=_EnKGChecks, __module__=__name__,
-    __doc__="EnKG hyperparameters (enkg.md §2): the fields of enkg_dist.hyperparameters.EnKGConfig, plus J and localisation.",
+    __doc__="EnKG hyperparameters (enkg.md §2): the fields of hyperparameters.EnKGConfig, plus J and localisation.",
     ensemble_size=(int, Field(256, ge=2, description="J")),
     **{k: v for k, v in _ENKG.items() if k not in ("inflation", "inflation_factor")},
     localisation=(LocalisationSettings, Field(default_factory=LocalisationSettings)),
