@@ -1,14 +1,14 @@
 """Forward outputs on their way to the Kalman update, and the one rule of what a failed member is.
 
 A member fails when its simulator raised, timed out or was lost, or when any of its outputs is not finite (NaN or
-inf). `judge` is that rule and this module is its only home: every forward result is judged where it is made
-(`problems.base.safe_evaluate`, which runs every in-process chunk and every simulator worker's batch); the store
+inf). The rule lives in `failure` (torch-free, so the store needs no torch); `judge` applies it to a forward result,
+and every one is judged where it is made (`problems.base.safe_evaluate`, which runs every in-process chunk and every simulator worker's batch); the store
 records members through it, the evaluator counts failures against the cap through it, and the sampler takes
 outputs in through it (`take_in`: an `evaluate` callable may be anyone's). Judging twice changes nothing, so what the
 store records, what the cap counts and what the update sees always agree. `kalman` only asserts the rule's result
 (no non-finite output among members marked ok).
 
-Pure: torch and numpy only.
+Pure: torch only.
 """
 
 from __future__ import annotations
@@ -16,28 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-NON_FINITE = "non-finite forward output"  # the reason recorded for a member failed by the rule
+from enkg_dist.failure import NON_FINITE, finite_rows, judged  # the rule itself, torch-free
 
 # evaluate(x_hat) -> (psi (J, m), ok (J,)): the sampler's collaborator (an `Evaluator`, or any callable)
 Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def finite_rows(psi):
-    """(B,) bool: whether every output of each row of psi (B, m) is finite; torch or numpy, as psi is."""
-    if isinstance(psi, torch.Tensor):
-        return torch.isfinite(psi).all(dim=1)
-    return np.isfinite(np.asarray(psi)).all(axis=1)
-
-
-def judged(psi, ok, reasons):
-    """The rule on (psi, ok, reasons): (ok, reasons) with rows whose outputs are not finite failed, and a failed row
-    without a reason given NON_FINITE when its outputs are not finite. psi and ok: both torch or both numpy."""
-    finite = finite_rows(psi)
-    ok = ok & finite
-    return ok, [r or (None if f else NON_FINITE) for r, f in zip(reasons, finite.tolist())]  # one device sync
 
 
 @dataclass

@@ -20,7 +20,7 @@ ALLOWED = {  # module path prefix -> heavy packages it may import
 # Pure modules: torch/numpy (schema: pydantic/yaml) and other pure modules only; any package may import them.
 PURE = ["kalman.py", "schedules.py", "sampler.py", "noise.py", "rng.py", "localisation.py", "inflation.py",
         "metrics.py", "devices.py", "fields.py", "evaluation.py", "schema.py", "threads.py", "factories.py",
-        "heap.py", "hyperparameters.py"]
+        "heap.py", "hyperparameters.py", "failure.py"]
 PURE_MODULES = {"enkg_dist." + name[:-3] for name in PURE}
 LEAVES = ("priors", "problems", "data")
 LEAF_MAY_IMPORT = {  # leaf package -> the other leaves' parts it may import (pure numerics, no orchestration)
@@ -121,7 +121,8 @@ def test_no_hasattr_probing_of_priors(name):
 
 
 # The forward-output path: the modules a member's output passes on its way to the update and the store. Only
-# evaluation.py decides "a non-finite output is a failure"; these call it. Elsewhere isfinite means something else:
+# failure.py decides "a non-finite output is a failure" (evaluation.py applies it); these call them.
+# Elsewhere isfinite means something else:
 FINITE_CHECKS_ELSEWHERE = {
     "runner.py": "a job's observation and coordinates are checked once, before the run (not forward outputs)",
     "plugins.py": "a job's noise covariance and coordinates files are checked once, before the run",
@@ -140,8 +141,8 @@ def test_one_module_owns_the_non_finite_rule(path):
     rel = str(path.relative_to(PKG))
     uses = "isfinite" in path.read_text()
     assert not uses or rel in FINITE_CHECKS_ELSEWHERE, (
-        f"{rel} checks finiteness itself: use enkg_dist.evaluation (judge, take_in, finite_rows), or list it in "
-        "FINITE_CHECKS_ELSEWHERE with the reason")
+        f"{rel} checks finiteness itself: use enkg_dist.failure (finite_rows, judged) or evaluation (judge, "
+        "take_in), or list it in FINITE_CHECKS_ELSEWHERE with the reason")
 
 
 def test_listed_finite_checks_still_exist():

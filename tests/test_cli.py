@@ -61,6 +61,10 @@ def test_inspect_and_report_commands(tmp_path):
     assert cli("run", LG, *SMALL, "--run-dir", str(out), "--no-progress").returncode == 0
     r = cli("inspect", str(out))
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr
+    code = ("import sys\nfrom enkg_dist.cli import main\nsys.argv = ['enkg-dist', 'inspect', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert r.stdout.split()[-2:] == ["0", "False"], (r.stdout, r.stderr)  # inspecting a run loads no torch
     r = cli("report", str(out))
     assert r.returncode == 0, r.stderr
     pngs = [line for line in r.stdout.splitlines() if line.endswith(".png")]

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from enkg_dist.evaluation import finite_rows, judged
+from enkg_dist.failure import finite_rows, judged
 from enkg_dist.store.layout import FAILED, NOT_RUN, OK, set_all, to_numpy
 
 
@@ -33,7 +33,7 @@ class MemberRecords:
 
     def record(self, step: int, k: int, members, psi, ok, reasons=None) -> None:
         """Write several members' outputs of correction k now, one member block at a time, judged by the one rule
-        (evaluation.judged: a member reported ok with a non-finite output is recorded as failed, as the evaluator
+        (failure.judged: a member reported ok with a non-finite output is recorded as failed, as the evaluator
         counts it)."""
         self._check_writable(step)
         idx = np.asarray(members, dtype=np.int64).reshape(-1)
