@@ -1,12 +1,12 @@
-"""Forward outputs on their way to the Kalman update, and the one rule of what a failed member is.
+"""Forward outputs on their way to the Kalman update, judged by the one rule of what a failed member is.
 
 A member fails when its simulator raised, timed out or was lost, or when any of its outputs is not finite (NaN or
 inf). The rule lives in `failure` (torch-free, so the store needs no torch); `judge` applies it to a forward result,
-and every one is judged where it is made (`problems.base.safe_evaluate`, which runs every in-process chunk and every simulator worker's batch); the store
-records members through it, the evaluator counts failures against the cap through it, and the sampler takes
-outputs in through it (`take_in`: an `evaluate` callable may be anyone's). Judging twice changes nothing, so what the
-store records, what the cap counts and what the update sees always agree. `kalman` only asserts the rule's result
-(no non-finite output among members marked ok).
+and every one is judged where it is made (`problems.base.safe_evaluate`, which runs every in-process chunk and every
+simulator worker's batch); the store records members through the rule, the evaluator counts failures against the
+cap through it, and the sampler takes outputs in through it (`take_in`: an `evaluate` callable may be anyone's).
+Judging twice changes nothing, so what the store records, what the cap counts and what the update sees always agree.
+`kalman` only asserts the rule's result (no non-finite output among members marked ok).
 
 Pure: torch only.
 """
