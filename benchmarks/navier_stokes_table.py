@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from enkg_dist import config as cfgmod
-from enkg_dist import dps, metrics, runner, sampler
+from enkg_dist import dps, fields, metrics, runner, sampler
 
 PUBLISHED = [  # (source, setting, method, rel. L2, note)
     ("EnKG paper (Zheng et al. 2024)", "128², k = 2, σ = 0", "EnKG", 0.120, "J = 2048, 26.8 M-parameter prior, ~295 k "
@@ -109,9 +109,9 @@ def one(a, label: str, overrides: list[str], J: int, truth: int, out: Path) -> d
 def high_k_share(a, truth: int, k_cut: float = 8.0) -> float:
     """The truth's share of vorticity variance at |k| > k_cut: sum |w_hat|^2 there over the sum (the mean is zero)."""
     x = runner.build(cfgmod.load_config(None, base(a, a.J, truth))).problem.x_true.reshape(a.n, a.n)
-    k = torch.fft.fftfreq(a.n, 1.0 / a.n, dtype=torch.float64)
-    P = torch.fft.fft2(x.to(torch.float64)).abs() ** 2
-    return float(P[(k[:, None] ** 2 + k[None, :] ** 2) > k_cut**2].sum() / P.sum())
+    k1, k2 = fields.wavenumbers(a.n)
+    P = fields.rfft_weights(a.n) * torch.fft.rfft2(x.to(torch.float64)).abs() ** 2  # Parseval on the half-grid
+    return float(P[k1**2 + k2**2 > k_cut**2].sum() / P.sum())
 
 
 def main() -> None:

@@ -598,10 +598,9 @@ def _run_enkg(cfg, built, backend, evaluator, store, y, dtype, device, start, x,
         x = x.to(device)
     with tqdm(total=scfg.num_steps, initial=start, desc="EnKG steps", unit="step", disable=not progress) as bar:
         hooks = _StepHooks(store, evaluator, backend, bar, clock)
-        maps = sampler.TimedMaps(sampler.maps_of(backend.denoise),
-                                 lambda: clock.phase("denoise"))
-        return sampler.enkg_sample(maps, clock.wrap("forward", evaluator), x, y, pb.Gamma, scfg, cfg.seed, hooks.after_enkg_step,
-                                   start, built.localiser, before_step=hooks.before_step)
+        maps = sampler.TimedMaps(sampler.maps_of(backend.denoise), lambda: clock.phase("denoise"))
+        return sampler.enkg_sample(maps, clock.wrap("forward", evaluator), x, y, pb.Gamma, scfg, cfg.seed,
+                                   hooks.after_enkg_step, start, built.localiser, before_step=hooks.before_step)
 
 
 def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, progress, clock):

@@ -15,6 +15,16 @@ def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "enkg_dist.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def cli_loads_torch(*args):
+    """(exit code, whether torch was imported, stderr) of `enkg-dist ARGS` run through main() in a fresh process."""
+    code = ("import sys\nfrom enkg_dist.cli import main\nsys.argv = ['enkg-dist', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.stdout.split(), r.stderr  # main() returned or raised SystemExit
+    exit_code, loaded = r.stdout.split()[-2:]
+    return int(exit_code), loaded == "True", r.stderr
+
+
 def test_run_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     r = cli("run", LG, *SMALL, "--run-dir", str(out), "--no-progress")
@@ -61,10 +71,7 @@ def test_inspect_and_report_commands(tmp_path):
     assert cli("run", LG, *SMALL, "--run-dir", str(out), "--no-progress").returncode == 0
     r = cli("inspect", str(out))
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr
-    code = ("import sys\nfrom enkg_dist.cli import main\nsys.argv = ['enkg-dist', 'inspect', sys.argv[1]]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
-    assert r.stdout.split()[-2:] == ["0", "False"], (r.stdout, r.stderr)  # inspecting a run loads no torch
+    assert cli_loads_torch("inspect", str(out))[:2] == (0, False)  # inspecting a run loads no torch
     r = cli("report", str(out))
     assert r.returncode == 0, r.stderr
     pngs = [line for line in r.stdout.splitlines() if line.endswith(".png")]
@@ -85,8 +92,6 @@ def test_generate_data_command(tmp_path):
 
 def test_a_bad_job_is_refused_before_torch_loads():
     """The job is validated before the numerical stack is imported: a wrong key costs no torch import."""
-    code = ("import sys\nfrom enkg_dist.cli import main\nsys.argv = ['enkg-dist', 'run', '--set', 'enkg.bogus=1']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
-    assert "enkg.bogus: unknown key" in r.stderr
+    exit_code, loaded, stderr = cli_loads_torch("run", "--set", "enkg.bogus=1")
+    assert (exit_code, loaded) == (2, False), stderr
+    assert "enkg.bogus: unknown key" in stderr
