@@ -77,6 +77,14 @@ class Localiser:
     raw_mean = False  # EnKG: the mean moves by the unlocalised gain, only the deviations by rho o C
     large_scales: tuple[int, int, float] | None = None  # (n, channels, k_L): scales |k| <= k_L left unlocalised
 
+    def __init__(self, *, raw_mean: bool = False, large_scales: tuple[int, int, float] | None = None):
+        """The gain's options, the same for every taper (the subclasses pass them on as keywords)."""
+        if large_scales is not None and (len(large_scales) != 3 or not large_scales[2] >= 0):
+            raise ValueError(f"large_scales must be (n, channels, k_L) with k_L >= 0, got {large_scales}")
+        self.raw_mean = bool(raw_mean)
+        self.large_scales = None if large_scales is None else (int(large_scales[0]), int(large_scales[1]),
+                                                               float(large_scales[2]))
+
     def blocks(self, d: int, m: int) -> list[torch.Tensor]:
         """State row indices, block by block (each block's C has at most BLOCK_ELEMENTS entries)."""
         size = max(1, min(d, BLOCK_ELEMENTS // max(m, 1)))
@@ -101,7 +109,8 @@ class Localiser:
 class GaspariCohn(Localiser):
     """rho(p, q) = GC(|p - q|_torus / radius) between state entry p and observation q (radius in grid units)."""
 
-    def __init__(self, geometry: Geometry, radius: float, tile: int | None = None):
+    def __init__(self, geometry: Geometry, radius: float, tile: int | None = None, **options):
+        super().__init__(**options)
         if not radius > 0:
             raise ValueError(f"localisation radius must be > 0, got {radius}")
         self.geometry, self.radius = geometry, float(radius)
@@ -151,7 +160,8 @@ class SEC(Localiser):
 
     needs_correlations = True
 
-    def __init__(self, alpha: float = 1.0, cutoff: float = 0.0):
+    def __init__(self, alpha: float = 1.0, cutoff: float = 0.0, **options):
+        super().__init__(**options)
         if alpha < 0 or not 0 <= cutoff < 1:
             raise ValueError(f"SEC needs alpha >= 0 and 0 <= cutoff < 1, got {alpha}, {cutoff}")
         self.alpha, self.cutoff = float(alpha), float(cutoff)
@@ -205,7 +215,8 @@ class NICE(Localiser):
 
     needs_correlations = True
 
-    def __init__(self, delta: float = 1.0, delta_obs: float = 1.0):
+    def __init__(self, delta: float = 1.0, delta_obs: float = 1.0, **options):
+        super().__init__(**options)
         if not (delta > 0 and delta_obs > 0):
             raise ValueError("NICE needs delta > 0")
         self.delta, self.delta_obs = float(delta), float(delta_obs)

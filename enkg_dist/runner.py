@@ -222,16 +222,14 @@ def make_localiser(settings, forward, key: str = "enkg"):
     if loc.large_scales is not None and geometry is None:
         raise cfgmod.ConfigError(f"config error: {key}.localisation.large_scales: needs the state's periodic grid and "
                                  "this problem declares none (give problem.coordinates)")
+    options = {"raw_mean": loc.mean_update == "raw",
+               "large_scales": None if loc.large_scales is None else (geometry.n, geometry.channels,
+                                                                       loc.large_scales)}
     if loc.kind == "sec":
-        out = localisation.SEC(loc.alpha, loc.cutoff)
-    elif loc.kind == "nice":
-        out = localisation.NICE(loc.delta)
-    else:
-        out = localisation.GaspariCohn(geometry, loc.radius)
-    out.raw_mean = loc.mean_update == "raw"
-    if loc.large_scales is not None:
-        out.large_scales = (geometry.n, geometry.channels, loc.large_scales)
-    return out
+        return localisation.SEC(loc.alpha, loc.cutoff, **options)
+    if loc.kind == "nice":
+        return localisation.NICE(loc.delta, **options)
+    return localisation.GaspariCohn(geometry, loc.radius, **options)
 
 
 def _finish(cfg: cfgmod.RunConfig, built: Built) -> Built:

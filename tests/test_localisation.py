@@ -111,9 +111,9 @@ def test_raw_mean_moves_the_mean_unlocalised_and_the_deviations_localised(make):
     A = torch.randn(36, 36, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     Gamma = NoiseCovariance.full(A @ A.T + 36 * torch.eye(36, dtype=torch.float64))
     geo = grid_geometry(12, 2)
-    make_loc = {"gc": lambda: GaspariCohn(geo, 2.0), "sec": lambda: SEC(1.0), "nice": lambda: NICE()}[make]
-    split = make_loc()
-    split.raw_mean = True
+    make_loc = {"gc": lambda **o: GaspariCohn(geo, 2.0, **o), "sec": lambda **o: SEC(1.0, **o),
+                "nice": lambda **o: NICE(**o)}[make]
+    split = make_loc(raw_mean=True)
     for rule, guard in (("frobenius", None), ("trace", 1.0)):
         raw, info_r = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, guard)
         loc, info_l = kalman.enkg_update(X, psi, y, Gamma, 2.0, rule, guard, localiser=make_loc())
@@ -122,8 +122,7 @@ def test_raw_mean_moves_the_mean_unlocalised_and_the_deviations_localised(make):
         assert torch.allclose(got.mean(0), raw.mean(0), rtol=0, atol=1e-12)
         assert torch.allclose(kalman.anomalies(got), kalman.anomalies(loc), rtol=0, atol=1e-12)
         assert not torch.allclose(kalman.anomalies(got), kalman.anomalies(raw), rtol=0, atol=1e-6)
-    one = GaspariCohn(geo, math.inf)
-    one.raw_mean = True
+    one = GaspariCohn(geo, math.inf, raw_mean=True)
     raw, _ = kalman.enkg_update(X, psi, y, Gamma, 2.0, "frobenius")
     assert torch.allclose(kalman.enkg_update(X, psi, y, Gamma, 2.0, "frobenius", localiser=one)[0], raw, rtol=0,
                           atol=1e-12)
@@ -147,7 +146,8 @@ def test_scale_dependent_gain_is_the_unlocalised_large_scales_plus_the_localised
     X, psi, y = _ensemble(J=9)
     J = X.shape[0]
     geo = grid_geometry(12, 2)
-    make_loc = {"gc": lambda: GaspariCohn(geo, 2.0), "sec": lambda: SEC(1.0), "nice": lambda: NICE()}[make]
+    make_loc = {"gc": lambda **o: GaspariCohn(geo, 2.0, **o), "sec": lambda **o: SEC(1.0, **o),
+                "nice": lambda **o: NICE(**o)}[make]
     Xa, Pa = kalman.anomalies(X.reshape(J, -1)), kalman.anomalies(psi)
     V = torch.randn(J, 36, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     f = torch.fft.rfft2(Xa.reshape(J, 12, 12))
@@ -155,13 +155,12 @@ def test_scale_dependent_gain_is_the_unlocalised_large_scales_plus_the_localised
     keep = (k[:, None] ** 2 + k[None, :7].abs() ** 2) <= 9.0
     XL = torch.fft.irfft2(torch.where(keep, f, 0), s=(12, 12)).reshape(J, -1)
     assert torch.allclose(localisation.low_pass(Xa, 12, 1, 3.0), XL, atol=1e-13)
-    loc = make_loc()
-    loc.large_scales = (12, 1, 3.0)
+    loc = make_loc(large_scales=(12, 1, 3.0))
     got = localisation.localised_apply(Xa, Pa, V, loc)
     ref_rest = localisation.localised_apply(Xa - XL, Pa, V, make_loc())
     assert torch.allclose(got, ref_rest + V @ (XL.T @ Pa / J).T, rtol=0, atol=1e-12)
     assert not torch.allclose(got, localisation.localised_apply(Xa, Pa, V, make_loc()), atol=1e-6)
-    loc.large_scales = (12, 1, 100.0)  # every scale is large: the unlocalised gain
+    loc = make_loc(large_scales=(12, 1, 100.0))  # every scale is large: the unlocalised gain
     assert torch.allclose(localisation.localised_apply(Xa, Pa, V, loc), V @ (Xa.T @ Pa / J).T, rtol=0, atol=1e-12)
 
 
@@ -250,6 +249,10 @@ def test_correlation_noise_matches_sampling():
 def test_bad_localiser_settings_are_refused():
     with pytest.raises(ValueError, match="radius must be > 0"):
         GaspariCohn(grid_geometry(8, 2), -1.0)
+    with pytest.raises(ValueError, match="large_scales must be"):
+        SEC(1.0, large_scales=(8, 1, -2.0))
+    with pytest.raises(TypeError):
+        NICE(raw_means=True)  # a misspelt option is not swallowed
     with pytest.raises(ValueError, match="geometry has 16 observation locations"):
         loc = GaspariCohn(grid_geometry(8, 2), 1.0)
         localisation.localised_apply(torch.zeros(3, 64, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64),
