@@ -56,8 +56,10 @@ class NavierStokesProblem(_Model):
                                                       "authors' batch minimum")
     dealias: Literal["disc", "two_thirds"] = "disc"
     max_steps: int = Field(20000, ge=1, description="a member needing more time steps fails")
-    member_chunk: int | None = Field(1, ge=1, description="members per FFT call; 1 makes each member's result "
-                                     "bitwise independent of batching (null: fastest)")
+    member_chunk: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="members per FFT call; 1 makes each member's result bitwise independent of batching, "
+        "auto the fastest lanes where a start-up check finds they give 1's bits on this machine, else 1 "
+        "(null: fastest, unchecked)")
 
     @model_validator(mode="after")
     def _divides(self):

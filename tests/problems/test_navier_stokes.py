@@ -16,7 +16,8 @@ from enkg_dist.problems.navier_stokes import (
     metrics,
     solve,
 )
-from enkg_dist.problems.navier_stokes.solver import default_chunk
+from enkg_dist.problems.navier_stokes import solver as solver_mod
+from enkg_dist.problems.navier_stokes.solver import batch_invariant, default_chunk, resolve_chunk
 
 
 @pytest.fixture(autouse=True)
@@ -192,6 +193,39 @@ def test_default_lanes_fit_the_cache():
     assert default_chunk(128, torch.float32) == 2 and default_chunk(512, torch.float64) == 1
     assert default_chunk(16, torch.float64) == 64
     assert default_chunk(32, torch.float32) == 2 * default_chunk(32, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_chunk_gives_the_bits_of_one_member_per_call(dtype):
+    """chunk="auto": lanes as large as default_chunk where the start-up check finds them bit-identical to chunk=1
+    here, else 1; either way each member's result is the one it gets alone (members of unequal speed, so the lanes
+    shrink as they land)."""
+    n = 32
+    eq = NavierStokes2D(n, dealias="disc", dtype=dtype)
+    w0 = ensemble(n, (0.5, 1.0, 2.0, 1.5, 0.7, 1.2, 0.9)).to(dtype)
+    k = resolve_chunk("auto", eq, "per_member", None, w0.shape[0])
+    assert k == (min(default_chunk(n, dtype), 7) if batch_invariant(eq, min(default_chunk(n, dtype), 7)) else 1)
+    auto, one = solve(w0, 0.1, equation=eq, chunk="auto"), solve(w0, 0.1, equation=eq, chunk=1)
+    assert torch.equal(auto.omega, one.omega) and torch.equal(auto.steps, one.steps)
+    for b in (0, 4):
+        alone = solve(w0[b : b + 1], 0.1, equation=eq, chunk="auto")
+        assert torch.equal(alone.omega[0], one.omega[b])
+    assert resolve_chunk("auto", eq, "paper", None, 7) == 1  # paper mode couples the batch: not checked
+    assert resolve_chunk(3, eq, "per_member", None, 7) == 3 and resolve_chunk(None, eq, "paper", None, 7) == \
+        default_chunk(n, dtype)
+    with pytest.raises(ValueError, match="chunk must be a positive integer, None or 'auto'"):
+        solve(w0, 0.1, equation=eq, chunk="fast")
+
+
+def test_auto_chunk_falls_back_to_one_where_batches_change_bits(monkeypatch):
+    """Where the check finds a batched result differing from the single one (measured on AVX-512 CPUs), "auto" runs
+    one member per call. The check's verdict is replaced here (this machine batches bit-identically); its comparison
+    is exercised by the test above."""
+    eq = NavierStokes2D(32, dealias="disc")
+    monkeypatch.setattr(solver_mod, "_same_bits_batched", lambda *a: False)
+    monkeypatch.setattr(solver_mod, "_CHECKED", {})
+    assert resolve_chunk("auto", eq, "per_member", None, 7) == 1
+    assert not batch_invariant(eq, 4) and batch_invariant(eq, 1)
 
 
 def test_chunking_changes_nothing():

@@ -36,15 +36,17 @@ class NavierStokesForward(ForwardModel):
 
     def __init__(self, n: int = 128, k: int = 2, T: float = 1.0, Re: float = 200.0, forcing_amplitude: float = 4.0,
                  forcing_wavenumber: int = 4, dealias: str = "disc", mode: str = "per_member",
-                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | None = 1,
+                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | str | None = "auto",
                  dt: float | None = None):
         if n % k:
             raise ValueError(f"grid size {n} is not a multiple of the subsampling factor {k}")
         self.n, self.k, self.T, self.mode, self.max_steps = n, k, float(T), mode, int(max_steps)
         self.dt = dt  # the step of mode "fixed" (a smooth map of x: exact gradients for DPS checks)
         self.dtype, self.device = dtype, device
-        # members per FFT call: 1 keeps each member's bits independent of the batch it came in (FFT kernels vectorise
-        # across a batch, so a batched result can differ at round-off); None: the solver's fastest chunking
+        # members per FFT call: 1 keeps each member's bits independent of the batch it came in (FFT kernels may
+        # vectorise across a batch, so a batched result can differ at round-off); "auto": the solver's fastest
+        # lanes where its start-up check finds them bit-identical to 1 on this machine (solver.batch_invariant), else
+        # 1; None: the fastest, unchecked
         self.chunk = chunk
         self.equation = NavierStokes2D(n, Re, forcing_amplitude, forcing_wavenumber, dealias)
         self._equations = {}  # (dtype, device) -> the equation there, built once

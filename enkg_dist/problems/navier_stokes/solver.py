@@ -85,6 +85,65 @@ def default_chunk(n: int, dtype: torch.dtype) -> int:
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
 
+AUTO = "auto"
+_CHECKED: dict[tuple, bool] = {}  # batch_invariant's verdicts in this process
+_checked_lock = threading.Lock()
+
+
+def batch_invariant(eq: NavierStokes2D, chunk: int, mode: str = "per_member", dt: float | None = None) -> bool:
+    """Whether lanes of up to `chunk` members give every member the bits it gets alone (chunk=1), on this machine:
+    a few steps of `chunk` smooth random fields, each alone and in a batch of every size 1..chunk (the sizes a lane
+    takes as its members land), compared bit for bit. Batched FFT and vector kernels may differ at round-off from
+    single ones on some CPUs (measured: AVX-512), so this is checked, not assumed. Once per (equation, chunk, mode)
+    in a process; paper mode couples the batch's members through its step, so it is not checked (False)."""
+    if mode == "paper" or chunk <= 1:
+        return chunk <= 1
+    key = (eq.n, eq.Re, eq.forcing_amplitude, eq.forcing_wavenumber, eq.dealias, eq.dtype, str(eq.device), chunk,
+           mode, dt)
+    with _checked_lock:
+        if key not in _CHECKED:
+            _CHECKED[key] = _same_bits_batched(eq, chunk, mode, dt)
+        return _CHECKED[key]
+
+
+def _same_bits_batched(eq: NavierStokes2D, chunk: int, mode: str, dt: float | None) -> bool:
+    """batch_invariant's check (members of unequal speeds: they land at different steps and the lanes shrink)."""
+    g = torch.Generator().manual_seed(20241130)
+    noise = torch.randn(chunk, eq.n, eq.n, generator=g, dtype=torch.float64)
+    w_hat = torch.fft.rfft2(noise) * eq.inv_lap.to(torch.float64).cpu()  # a smooth field: amplitude ~ 1/|k|^2
+    w = torch.fft.irfft2(w_hat, s=(eq.n, eq.n))
+    w0 = (w * (torch.linspace(3.0, 9.0, chunk, dtype=torch.float64) / w.std(dim=(-2, -1)))[:, None, None])
+    w0 = w0.to(device=eq.device, dtype=eq.dtype)
+    h = 1.0 / eq.n
+    steps = dt if mode == "fixed" else float(cfl_step(eq.max_speed(eq.fft(w0[:1])), h, step_viscosity(eq))[0])
+    T = 1.5 * steps  # 2 steps for the slowest member, more for the faster ones
+    kw = dict(mode=mode, equation=eq, dt=dt, max_steps=64, threads=1)
+    alone = [solve(w0[i : i + 1], T, chunk=1, **kw) for i in range(chunk)]
+    for b in range(1, chunk + 1):
+        batched = solve(w0[:b], T, chunk=b, **kw)
+        for i in range(b):
+            if not (torch.equal(batched.steps[i : i + 1], alone[i].steps)
+                    and torch.allclose(batched.omega[i], alone[i].omega[0], rtol=0, atol=0, equal_nan=True)):
+                return False
+    return True
+
+
+def resolve_chunk(chunk: int | str | None, eq: NavierStokes2D, mode: str, dt: float | None, batch: int) -> int:
+    """Members per lane: chunk as given; None: `default_chunk` (the whole batch off the CPU); "auto": the default
+    where `batch_invariant` finds it gives chunk=1's bits on this machine, else 1 (the whole batch off the CPU)."""
+    cpu = eq.device.type == "cpu"
+    if chunk is None or chunk == AUTO:
+        if not cpu:
+            return max(batch, 1)
+        k = min(default_chunk(eq.n, eq.dtype), max(batch, 1))
+        if chunk is None:
+            return default_chunk(eq.n, eq.dtype)
+        return k if batch_invariant(eq, k, mode, dt) else 1
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be a positive integer, None or {AUTO!r}, got {chunk!r}")
+    return chunk
+
+
 def _default_equation(omega: torch.Tensor, mode: str) -> NavierStokes2D:
     return NavierStokes2D(omega.shape[-1], dealias="disc" if mode == "paper" else "two_thirds", dtype=omega.dtype,
                           device=omega.device)
@@ -238,7 +297,7 @@ def _run_all(tasks, threads: int) -> None:
 
 def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equation: NavierStokes2D | None = None,
           dt: float | None = None, cfl: float = 0.5, h: float | None = None, max_steps: int = 100_000,
-          chunk: int | None = None, threads: int | None = None) -> SolveResult:
+          chunk: int | str | None = None, threads: int | None = None) -> SolveResult:
     """w(., T) from w(., 0) = omega0 (B, N, N), float32 or float64, on omega0's device.
 
     mode "per_member" | "paper" use the step rule above; "fixed" uses the given dt. The default equation is Re = 200,
@@ -246,7 +305,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     is (cast to omega0's dtype and device). A member is failed, with a reason, when its field is or becomes
     non-finite or when it has taken `max_steps` steps without reaching T; the others carry on. chunk: members per
     lane, i.e. per FFT call (default `default_chunk` on CPU, the whole batch elsewhere); chunk=1 makes each member's
-    bits independent of the batch. threads: CPU threads to spread the lanes over (default torch.get_num_threads());
+    bits independent of the batch, and "auto" the default where that gives chunk=1's bits here (`resolve_chunk`). threads: CPU threads to spread the lanes over (default torch.get_num_threads());
     results do not depend on it.
     """
     if mode not in MODES:
@@ -264,7 +323,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     cpu = omega0.device.type == "cpu"
     if cpu and eq.n >= RETAIN_FROM_N:
         retain_freed_memory()
-    chunk = chunk or (default_chunk(eq.n, eq.dtype) if cpu else max(omega0.shape[0], 1))
+    chunk = resolve_chunk(chunk, eq, mode, dt, omega0.shape[0])
     threads = (threads or torch.get_num_threads()) if cpu else 1
     mu = step_viscosity(eq)
     T = float(T)
