@@ -36,8 +36,8 @@ class NavierStokesForward(ForwardModel):
 
     def __init__(self, n: int = 128, k: int = 2, T: float = 1.0, Re: float = 200.0, forcing_amplitude: float = 4.0,
                  forcing_wavenumber: int = 4, dealias: str = "disc", mode: str = "per_member",
-                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None, chunk: int | str | None = "auto",
-                 dt: float | None = None):
+                 max_steps: int = 20_000, dtype: torch.dtype | None = None, device=None,
+                 chunk: int | str | None = "auto", dt: float | None = None):
         if n % k:
             raise ValueError(f"grid size {n} is not a multiple of the subsampling factor {k}")
         self.n, self.k, self.T, self.mode, self.max_steps = n, k, float(T), mode, int(max_steps)

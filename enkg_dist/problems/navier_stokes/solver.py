@@ -305,8 +305,8 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     is (cast to omega0's dtype and device). A member is failed, with a reason, when its field is or becomes
     non-finite or when it has taken `max_steps` steps without reaching T; the others carry on. chunk: members per
     lane, i.e. per FFT call (default `default_chunk` on CPU, the whole batch elsewhere); chunk=1 makes each member's
-    bits independent of the batch, and "auto" the default where that gives chunk=1's bits here (`resolve_chunk`). threads: CPU threads to spread the lanes over (default torch.get_num_threads());
-    results do not depend on it.
+    bits independent of the batch, and "auto" the default where that gives chunk=1's bits here (`resolve_chunk`).
+    threads: CPU threads to spread the lanes over (default torch.get_num_threads()); results do not depend on it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r}; choose one of {MODES}")
