@@ -9,9 +9,10 @@ that description says in the plainest batched way: one irfft2 / rfft2 call per f
 Compared, at each torch thread count, on the same initial fields (GRF draws as the NS problem's, float32, T = 1):
   authors      the reference, the whole batch in each call
   paper        ours, step_mode paper (the same steps as the reference; results agree to float32 round-off)
-  paper c1     the same with chunk=1 (NavierStokesForward's default: a member's bits depend on nothing else)
+  paper c1     the same with chunk=1 (a member's bits depend on nothing else)
   per_member   ours, each member's own step (the production rule)
-  member c1    the same with chunk=1, as NavierStokesForward runs it
+  member c1    the same with chunk=1 (NavierStokesForward's member_chunk 1; its default "auto" runs the
+               per_member lanes where its start-up check finds them bit-identical to chunk=1, as printed)
 The configurations run in turn, `--rounds` times over, so that a busy machine slows all of them alike; each figure
 is the fastest round. "rate" is member-steps per second against the reference's; "overall" is wall time against the
 reference's. The load average is printed before and after.
@@ -29,6 +30,7 @@ import time
 import torch
 
 from enkg_dist.problems.navier_stokes import NavierStokes2D, grf_vorticity, solve
+from enkg_dist.problems.navier_stokes.solver import default_chunk, resolve_chunk
 
 
 class AuthorsNS:
@@ -140,6 +142,12 @@ def main():
             print(f"{k:>7} {name:>11} {s:>8.2f} {per[name]:>12.0f} {work[name] / s:>14.0f} {rate:>5.2f}x "
                   f"{best[k, 'authors'] / s:>6.2f}x")
     print(f"paper mode takes the reference's {ref_steps} steps; max |ours - reference| / max |reference| = {diff:.1e}")
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    auto = resolve_chunk("auto", eq, "per_member", None, B)  # NavierStokesForward's default: checked once per process
+    print(f"member_chunk auto (the jobs' default) runs lanes of {auto} members here ('per_member' above: "
+          f"{default_chunk(n, dtype)}); its start-up check took {time.perf_counter() - t0:.2f} s")
+    torch.set_num_threads(before)
     print(load())
 
 
