@@ -95,14 +95,20 @@ def grf(args) -> None:
         print(f"| {sigma:g} | {exact:.3e} | {mse:.3e} | {mse / exact:.3f} | {sigma**2 / exact:.2f} |", flush=True)
 
 
-def samples(args) -> None:
-    """(b) samples from the learned prior against held-out data, with the fitted Gaussian as baseline."""
+def _splits(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data set's train and test fields (float64), after pinning torch to args.threads."""
     from enkg_dist.data import open_dataset
-    from enkg_dist.priors.learned import LearnedPrior
 
     torch.set_num_threads(args.threads)
-    train_x = torch.from_numpy(np.asarray(open_dataset(args.data, "train"))).to(torch.float64)
-    test_x = torch.from_numpy(np.asarray(open_dataset(args.data, "test"))).to(torch.float64)
+    return tuple(torch.from_numpy(np.asarray(open_dataset(args.data, split))).to(torch.float64)
+                 for split in ("train", "test"))
+
+
+def samples(args) -> None:
+    """(b) samples from the learned prior against held-out data, with the fitted Gaussian as baseline."""
+    from enkg_dist.priors.learned import LearnedPrior
+
+    train_x, test_x = _splits(args)
     n = train_x.shape[-1]
     learned = LearnedPrior.from_checkpoint(args.checkpoint, device="cpu", resolution=n)
     fitted = GaussianFieldPrior.fit(train_x, radial=True)
@@ -131,12 +137,10 @@ def samples(args) -> None:
 
 def denoise(args) -> None:
     """(d) denoiser MSE on the held-out test split per sigma: each checkpoint's against the fitted Gaussian's."""
-    from enkg_dist.data import open_dataset
     from enkg_dist.priors.learned import LearnedPrior
 
-    torch.set_num_threads(args.threads)
-    train_x = torch.from_numpy(np.asarray(open_dataset(args.data, "train"))).to(torch.float64)
-    x0 = torch.from_numpy(np.asarray(open_dataset(args.data, "test"))).to(torch.float64).repeat(args.draws, 1, 1, 1)
+    train_x, test_x = _splits(args)
+    x0 = test_x.repeat(args.draws, 1, 1, 1)
     n = x0.shape[-1]
     names = args.checkpoint.split(",")
     denoisers = {"fitted Gaussian": GaussianFieldPrior.fit(train_x, radial=True).denoise}
