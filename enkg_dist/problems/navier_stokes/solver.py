@@ -115,8 +115,8 @@ def _same_bits_batched(eq: NavierStokes2D, chunk: int, mode: str, dt: float | No
     w0 = (w * (torch.linspace(3.0, 9.0, chunk, dtype=torch.float64) / w.std(dim=(-2, -1)))[:, None, None])
     w0 = w0.to(device=eq.device, dtype=eq.dtype)
     h = 1.0 / eq.n
-    steps = dt if mode == "fixed" else float(cfl_step(eq.max_speed(eq.fft(w0[:1])), h, step_viscosity(eq))[0])
-    T = 1.5 * steps  # 2 steps for the slowest member, more for the faster ones
+    dt0 = dt if mode == "fixed" else float(cfl_step(eq.max_speed(eq.fft(w0[:1])), h, step_viscosity(eq))[0])
+    T = 1.5 * dt0  # 2 steps for the slowest member, more for the faster ones
     kw = dict(mode=mode, equation=eq, dt=dt, max_steps=64, threads=1)
     alone = [solve(w0[i : i + 1], T, chunk=1, **kw) for i in range(chunk)]
     for b in range(1, chunk + 1):
