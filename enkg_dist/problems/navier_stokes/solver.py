@@ -130,15 +130,13 @@ def _same_bits_batched(eq: NavierStokes2D, chunk: int, mode: str, dt: float | No
 
 def resolve_chunk(chunk: int | str | None, eq: NavierStokes2D, mode: str, dt: float | None, batch: int) -> int:
     """Members per lane: chunk as given; None: `default_chunk` (the whole batch off the CPU); "auto": the default
-    where `batch_invariant` finds it gives chunk=1's bits on this machine, else 1 (the whole batch off the CPU)."""
-    cpu = eq.device.type == "cpu"
+    where `batch_invariant` finds it gives chunk=1's bits on this machine, else 1 (the whole batch off the CPU).
+    The check covers every lane size up to the default, so one check per process serves every batch size."""
     if chunk is None or chunk == AUTO:
-        if not cpu:
+        if eq.device.type != "cpu":
             return max(batch, 1)
-        k = min(default_chunk(eq.n, eq.dtype), max(batch, 1))
-        if chunk is None:
-            return default_chunk(eq.n, eq.dtype)
-        return k if batch_invariant(eq, k, mode, dt) else 1
+        k = default_chunk(eq.n, eq.dtype)
+        return k if chunk is None or batch_invariant(eq, k, mode, dt) else 1
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, None or {AUTO!r}, got {chunk!r}")
     return chunk
