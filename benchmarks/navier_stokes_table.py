@@ -68,7 +68,7 @@ def base(a, J: int, truth: int) -> list[str]:
     prior = (["prior={kind: learned, checkpoint: " + a.prior + "}"] if not a.prior.startswith("gaussian_fit:")
              else ["prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}"])
     return [f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
-            f"truth_seed: {truth}, member_chunk: null}}", *prior, f"enkg.ensemble_size={J}",
+            f"truth_seed: {truth}, member_chunk: auto}}", *prior, f"enkg.ensemble_size={J}",
             f"enkg.num_steps={a.N}", f"enkg.num_corrections={a.K}", "output_dir=/tmp/unused", f"seed={truth}",
             f"name=navier-stokes-{a.n}-k{a.k}-noise{a.noise:g}"]
 
