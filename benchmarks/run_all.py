@@ -13,6 +13,7 @@ RUNS = [
     ["bench_ray_dispatch.py"],
     ["bench_enkg_step.py"],
     ["bench_denoiser.py", "--threads", "1"],
+    ["bench_prior_heap.py"],
     ["linear_gaussian_table.py", "--quick"],
     ["prior_quality.py", "grf", "--steps", "300"],
     ["bench_launch.py"],

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from enkg_dist import heap
+from enkg_dist.priors.checkpoint import flatten, load_checkpoint
 
 GLIBC = heap._glibc() is not None
 needs_glibc = pytest.mark.skipif(not GLIBC, reason="not glibc: retain_freed_memory is a no-op")
@@ -70,3 +72,40 @@ def test_a_large_grid_solve_retains_memory_and_its_bits_do_not_depend_on_it():
     on, off = run("1"), run("0")
     assert on[0] == 1 and off[0] == 0  # the 256^2 solve switched it on; the variable kept it off
     assert len(on) > 1 and on[1:] == off[1:]
+
+
+PRIOR = """
+import sys, torch
+from enkg_dist import heap
+from enkg_dist.priors.learned import LearnedPrior
+from enkg_dist.priors.training import TrainConfig, train
+from enkg_dist.priors.unet import UNetConfig
+torch.set_num_threads(1)
+before = heap.retained()
+prior = LearnedPrior.from_checkpoint("builtin:ns32", device="cpu", max_batch=64)
+x = torch.randn(96, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5
+d = prior.denoise(x, torch.linspace(0.05, 5.0, 96, dtype=torch.float64))
+heap._applied = None  # forget it in this process: the training run below sets it again when it should
+cfg = TrainConfig(model=UNetConfig(model_channels=8, channel_mult=(1, 2)), batch_size=8, steps=2, warmup_steps=1,
+                  val_every=2, checkpoint_every=2, val_draws=1, device="cpu")
+train(cfg, x[:64].float(), sys.argv[1], x[64:].float(), progress=False)
+sys.stdout.buffer.write(bytes([before, heap.retained()]) + d.numpy().tobytes())
+"""
+
+
+@needs_glibc
+def test_a_cpu_prior_and_training_retain_memory_and_their_bits_do_not_depend_on_it(tmp_path):
+    def run(env_value: str) -> bytes:
+        env = {**__import__("os").environ, "ENKG_RETAIN_FREED_MEMORY": env_value}
+        out = tmp_path / f"train-{env_value}"
+        return subprocess.run([sys.executable, "-c", PRIOR, str(out)], capture_output=True, env=env,
+                              check=True).stdout
+
+    on, off = run("1"), run("0")
+    assert on[:2] == bytes([0, 1]) and off[:2] == bytes([0, 0])  # the prior (then training) set it; 0 kept it off
+    assert len(on) > 2 and on[2:] == off[2:]
+    trained = [load_checkpoint(tmp_path / f"train-{v}" / "checkpoint.pt")[1] for v in "10"]
+    flat = [{}, {}]
+    for state, f in zip(trained, flat):
+        flatten(state, "", f)
+    assert flat[0].keys() == flat[1].keys() and all(torch.equal(flat[0][k], flat[1][k]) for k in flat[0])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from enkg_dist.devices import resolve_device
+from enkg_dist.heap import retain_freed_memory
 from enkg_dist.priors.checkpoint import load_denoiser
 from enkg_dist.priors.unet import EDMDenoiser
 
@@ -71,6 +72,8 @@ class LearnedPrior:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.device, self.precision, self.max_batch, self.meta = resolve_device(device), precision, max_batch, meta
+        if self.device.type == "cpu":  # a batch's activations are fresh pages at every layer otherwise (enkg_dist.heap)
+            retain_freed_memory()
         if precision == "bfloat16" and self.device.type != "cuda":
             warnings.warn("bfloat16 autocast on the CPU: slow and untuned; it is meant for CUDA", RuntimeWarning,
                           stacklevel=2)

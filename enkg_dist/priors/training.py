@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from enkg_dist import rng
 from enkg_dist.devices import hardware_kind, repeatable, resolve_device
+from enkg_dist.heap import retain_freed_memory
 from enkg_dist.priors.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
 from enkg_dist.schema import apply_overrides, one_line_error
@@ -279,6 +280,8 @@ def train(cfg: TrainConfig, data: torch.Tensor, out_dir, val: torch.Tensor | Non
         raise ValueError(f"{out_dir} already holds a training checkpoint; resume it or choose another output")
     rank, world, device, started = _distributed(resolve_device(cfg.device))
     repeatable(device, training=True)
+    if device.type == "cpu":  # validation's batches of 256 fault in their activations at every layer otherwise
+        retain_freed_memory()
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
