@@ -1,5 +1,6 @@
 """enkg_dist.heap: freed memory stays in the process (glibc), and a solve's bits do not depend on it."""
 
+import os
 import subprocess
 import sys
 
@@ -63,13 +64,15 @@ sys.stdout.buffer.write(bytes([heap.retained()]) + res.omega.numpy().tobytes())
 """
 
 
+def _probe(script: str, retain: str, *args: str) -> bytes:
+    """stdout of `script` in a fresh process (mallopt is process-wide) with ENKG_RETAIN_FREED_MEMORY=retain."""
+    env = {**os.environ, "ENKG_RETAIN_FREED_MEMORY": retain}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=env, check=True).stdout
+
+
 @needs_glibc
 def test_a_large_grid_solve_retains_memory_and_its_bits_do_not_depend_on_it():
-    def run(env_value: str) -> bytes:
-        env = {**__import__("os").environ, "ENKG_RETAIN_FREED_MEMORY": env_value}
-        return subprocess.run([sys.executable, "-c", SOLVE], capture_output=True, env=env, check=True).stdout
-
-    on, off = run("1"), run("0")
+    on, off = _probe(SOLVE, "1"), _probe(SOLVE, "0")
     assert on[0] == 1 and off[0] == 0  # the 256^2 solve switched it on; the variable kept it off
     assert len(on) > 1 and on[1:] == off[1:]
 
@@ -95,13 +98,7 @@ sys.stdout.buffer.write(bytes([before, heap.retained()]) + d.numpy().tobytes())
 
 @needs_glibc
 def test_a_cpu_prior_and_training_retain_memory_and_their_bits_do_not_depend_on_it(tmp_path):
-    def run(env_value: str) -> bytes:
-        env = {**__import__("os").environ, "ENKG_RETAIN_FREED_MEMORY": env_value}
-        out = tmp_path / f"train-{env_value}"
-        return subprocess.run([sys.executable, "-c", PRIOR, str(out)], capture_output=True, env=env,
-                              check=True).stdout
-
-    on, off = run("1"), run("0")
+    on, off = (_probe(PRIOR, v, str(tmp_path / f"train-{v}")) for v in "10")
     assert on[:2] == bytes([0, 1]) and off[:2] == bytes([0, 0])  # the prior (then training) set it; 0 kept it off
     assert len(on) > 2 and on[2:] == off[2:]
     trained = [load_checkpoint(tmp_path / f"train-{v}" / "checkpoint.pt")[1] for v in "10"]
