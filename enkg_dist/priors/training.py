@@ -6,7 +6,8 @@ error per σ band, periodic checkpoints and bit-identical resume.
 Randomness is stateless: step t on rank r draws its batch, augmentation, σ, noise and dropout from a generator keyed
 by (seed, rank, t), so a resumed run repeats an uninterrupted one bit for bit from model, EMA, optimizer and step
 alone. Multi-process: launched by `torchrun --nproc-per-node=K` (gloo on CPU, nccl on GPU), the global batch is split
-over ranks, DistributedDataParallel averages gradients, and rank 0 alone writes logs and checkpoints.
+over ranks, DistributedDataParallel averages gradients, the validation batches are dealt over the ranks (the same
+bits as one process's), and rank 0 alone writes logs and checkpoints.
 
 Augmentation "kolmogorov" uses only symmetries of the data's distribution: the GRF initial fields are isotropic and
 sign-symmetric, and the NS equation with forcing −A cos(k_f y) (y the last axis) commutes with shifts in x, with
@@ -40,7 +41,7 @@ from enkg_dist.schema import apply_overrides, one_line_error
 
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
 # keys that may change on resume (they do not change the weights, or only their rounding)
-RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "device", "threads"}
+RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "val_batch", "device", "threads"}
 # keys of the learning-rate schedule: they may change on resume when the schedule up to the checkpoint stays the same
 SCHEDULE = ("lr_decay_start", "lr_decay_steps", "lr_final")
 
@@ -72,6 +73,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     val_bands: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), description="centres of decade-wide σ bands")
     val_draws: int = Field(4, ge=1, description="fixed noise draws per validation sample and band")
+    val_batch: int = Field(256, ge=1, description="validation batch; the batches are dealt over the ranks")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16: autocast of the UNet")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (null: leave as is)")
@@ -178,17 +180,30 @@ def validation_set(val: torch.Tensor, cfg: TrainConfig) -> dict[float, tuple]:
 
 
 @torch.no_grad()
-def validate(model: EDMDenoiser, vset: dict, cfg: TrainConfig, device, batch: int = 256) -> dict[str, float]:
-    """Mean squared error of D(x0 + σ n; σ) against x0 per σ band (identity's error: σ²)."""
-    out = {}
-    for c, (x0, sigma, noise) in vset.items():
-        err = 0.0
-        for s in range(0, x0.shape[0], batch):
-            xb, sb, nb = (t[s : s + batch].to(device) for t in (x0, sigma, noise))
+def validation_errors(model: EDMDenoiser, vset: dict, cfg: TrainConfig, device, rank: int = 0,
+                      world: int = 1) -> torch.Tensor:
+    """Sum of squared errors of D(x0 + σ n; σ) against x0 per (σ band, batch of cfg.val_batch) for rank `rank`'s
+    batches (every `world`-th, from the rank-th); zero for the other ranks' batches, so a sum over ranks is exact."""
+    x0 = next(iter(vset.values()))[0]
+    starts = range(0, x0.shape[0], cfg.val_batch)
+    err = torch.zeros(len(vset), len(starts), dtype=torch.float64)
+    for b, (x0, sigma, noise) in enumerate(vset.values()):
+        for i in range(rank, len(starts), world):
+            xb, sb, nb = (t[starts[i] : starts[i] + cfg.val_batch].to(device) for t in (x0, sigma, noise))
             d = model(xb + sb[:, None, None, None] * nb, sb, amp_dtype(cfg))
-            err += float(((d - xb) ** 2).sum())
-        out[f"{c:g}"] = err / x0.numel()
-    return out
+            err[b, i] = float(((d - xb) ** 2).sum())
+    return err
+
+
+def validation_mse(err: torch.Tensor, vset: dict) -> dict[str, float]:
+    """Mean squared error per σ band (identity's error: σ²) from validation_errors summed over the ranks; the
+    batches add in their order, so every world size gives the same bits."""
+    return {f"{c:g}": sum(row.tolist()) / x0.numel() for row, (c, (x0, _, _)) in zip(err, vset.items())}
+
+
+def validate(model: EDMDenoiser, vset: dict, cfg: TrainConfig, device) -> dict[str, float]:
+    """Mean squared error of D(x0 + σ n; σ) against x0 per σ band, in one process."""
+    return validation_mse(validation_errors(model, vset, cfg, device), vset)
 
 
 class Run:
@@ -384,8 +399,10 @@ def _train(cfg, model_cfg, data, val, data_info, out_dir, ckpt, rank, world, dev
             loss_sum, n_sum, busy = torch.zeros((), device=device), 0, 0.0
         else:
             busy += time.perf_counter() - t0
-        if rank == 0 and vset is not None and (run.step % cfg.val_every == 0 or run.step == cfg.steps):
-            _log(out_dir, {"step": run.step, "val_mse": validate(run.ema, vset, cfg, device)})
+        if vset is not None and (run.step % cfg.val_every == 0 or run.step == cfg.steps):
+            err = _all_sum(validation_errors(run.ema, vset, cfg, device, rank, world), world, device)
+            if rank == 0:
+                _log(out_dir, {"step": run.step, "val_mse": validation_mse(err, vset)})
         if rank == 0 and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
             digest = run.save(out_dir, {**meta, "step": run.step})
     if bar is not None:
@@ -399,15 +416,20 @@ def _train(cfg, model_cfg, data, val, data_info, out_dir, ckpt, rank, world, dev
             "sha256": digest}
 
 
-def _all_mean(value: float, world: int, device) -> float:
-    """Mean of a per-rank scalar over all ranks."""
+def _all_sum(t: torch.Tensor, world: int, device) -> torch.Tensor:
+    """Sum of a per-rank tensor over all ranks (float64, on the CPU)."""
     if world == 1:
-        return value
+        return t
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = t.to(device=device, dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t) / world
+    return t.cpu()
+
+
+def _all_mean(value: float, world: int, device) -> float:
+    """Mean of a per-rank scalar over all ranks."""
+    return float(_all_sum(torch.tensor([value], dtype=torch.float64), world, device)) / world
 
 
 def train_prior(train_x, val_x, attrs: dict, source: str, out_dir, cfg: TrainConfig, resume: bool = False,

@@ -17,7 +17,7 @@ from enkg_dist.priors.checkpoint import CheckpointError, flatten, load_checkpoin
 from enkg_dist.priors.gaussian import GaussianFieldPrior
 from enkg_dist.priors.learned import LearnedPrior
 from enkg_dist.priors.training import (TrainConfig, kolmogorov_transform, load_train_config, resolve_model, train,
-                                       validate, validation_set)
+                                       validate, validation_errors, validation_mse, validation_set)
 from enkg_dist.priors.unet import EDMDenoiser, UNetConfig
 
 TINY = UNetConfig(model_channels=8, channel_mult=(1, 2), attn_resolutions=(8,))
@@ -105,6 +105,24 @@ def test_validation_error_is_that_of_the_identity_for_a_perfect_skip(grf):
         cs = (model.config.sigma_data**2 / (sigma**2 + model.config.sigma_data**2))[:, None, None, None]
         ref = float(((cs * (x0 + sigma[:, None, None, None] * noise) - x0) ** 2).mean())
         assert got[f"{c:g}"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_validation_dealt_over_ranks_gives_one_process_bits(grf):
+    """Batches dealt over 3 ranks, each rank's errors zero at the others' batches, add up to one process's errors bit
+    for bit: every batch is computed by exactly one rank, and the per-band means are the same floats."""
+    cfg = tiny_config(val_bands=(0.1, 1.0), val_draws=3, val_batch=5)
+    model = EDMDenoiser(resolve_model(cfg, grf[0])).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the closed-form initial state
+            p.add_(0.02 * torch.randn_like(p))
+    vset = validation_set(grf[1], cfg)
+    one = validation_errors(model, vset, cfg, "cpu")
+    parts = torch.stack([validation_errors(model, vset, cfg, "cpu", rank, 3) for rank in range(3)])
+    assert one.shape == (2, 5)  # 8 fields x 3 draws in batches of 5
+    assert torch.equal((parts != 0).sum(0), torch.ones_like(one, dtype=torch.long))
+    assert torch.equal(parts.sum(0), one)
+    assert validation_mse(parts.sum(0), vset) == validate(model, vset, cfg, "cpu")
 
 
 def test_checkpoint_errors_are_one_clear_line(trained, tmp_path):
@@ -219,7 +237,8 @@ def test_torchrun_two_processes(ns_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "enkg_dist.cli", "train-prior", str(ns_data), "--out", str(out), "--steps", "4",
-           "--set", "log_every=1", "--set", "checkpoint_every=2", *SMALL_CLI]
+           "--set", "log_every=1", "--set", "checkpoint_every=2", "--set", "val_every=2", "--set", "val_batch=3",
+           *SMALL_CLI]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -236,12 +255,22 @@ def test_torchrun_two_processes(ns_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "prior.pt"]
     assert stdout.count('"step": 4') == 1  # one summary line: rank 0's
 
-    # the same 4 steps in one process, averaging the two ranks' gradients by hand, give the same weights (one
-    # rank's gradient alone does not; Adam cannot tell a mean from a sum, so this checks which gradients combine)
+    # validation dealt over the two ranks (8 samples per band in batches of 3) logs what one process computes
     from enkg_dist.data.generate import open_dataset
     from enkg_dist.priors.training import Run, apply_gradients, rank_loss
 
     cfg, model_cfg = TrainConfig(**meta["train"]), UNetConfig(**meta["unet"])
+    _, state = load_checkpoint(out / "checkpoint.pt")
+    ema = EDMDenoiser(model_cfg)
+    ema.load_state_dict(state["ema"])
+    val = torch.as_tensor(open_dataset(ns_data, "val")[:], dtype=torch.float32)
+    logged = [r for r in log if "val_mse" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    want = validate(ema.eval(), validation_set(val, cfg), cfg, "cpu")
+    assert logged[-1]["val_mse"] == pytest.approx(want, rel=1e-6)
+
+    # the same 4 steps in one process, averaging the two ranks' gradients by hand, give the same weights (one
+    # rank's gradient alone does not; Adam cannot tell a mean from a sum, so this checks which gradients combine)
     data = torch.as_tensor(open_dataset(ns_data, "train")[:], dtype=torch.float32)
     run = Run(cfg, model_cfg, torch.device("cpu"))
     run.model.train()
@@ -250,7 +279,6 @@ def test_torchrun_two_processes(ns_data, tmp_path):
         for rank in (0, 1):
             (rank_loss(run, run.model, data, cfg, rank, 2, torch.device("cpu")) / 2).backward()
         apply_gradients(run, cfg)
-    _, state = load_checkpoint(out / "checkpoint.pt")
     for name, value in run.model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(not torch.equal(v, Run(cfg, model_cfg, "cpu").model.state_dict()[k])
