@@ -41,7 +41,8 @@ from enkg_dist.schema import apply_overrides, one_line_error
 
 CHECKPOINT, PRIOR, LOG = "checkpoint.pt", "prior.pt", "log.jsonl"
 # keys that may change on resume (they do not change the weights, or only their rounding)
-RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "val_batch", "device", "threads"}
+RESUME_FREE = {"steps", "checkpoint_every", "val_every", "log_every", "val_bands", "val_draws", "val_batch", "device",
+               "threads"}
 # keys of the learning-rate schedule: they may change on resume when the schedule up to the checkpoint stays the same
 SCHEDULE = ("lr_decay_start", "lr_decay_steps", "lr_final")
 
@@ -184,8 +185,7 @@ def validation_errors(model: EDMDenoiser, vset: dict, cfg: TrainConfig, device, 
                       world: int = 1) -> torch.Tensor:
     """Sum of squared errors of D(x0 + σ n; σ) against x0 per (σ band, batch of cfg.val_batch) for rank `rank`'s
     batches (every `world`-th, from the rank-th); zero for the other ranks' batches, so a sum over ranks is exact."""
-    x0 = next(iter(vset.values()))[0]
-    starts = range(0, x0.shape[0], cfg.val_batch)
+    starts = range(0, next(iter(vset.values()))[0].shape[0], cfg.val_batch)
     err = torch.zeros(len(vset), len(starts), dtype=torch.float64)
     for b, (x0, sigma, noise) in enumerate(vset.values()):
         for i in range(rank, len(starts), world):
