@@ -64,11 +64,25 @@ def methods(a) -> dict[str, list[str]]:
     }
 
 
+def add_problem_args(ap: argparse.ArgumentParser) -> None:
+    """The problem's options: grid, observation, time, Reynolds number, noise (shared with ns_4dvar.py)."""
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--T", type=float, default=1.0)
+    ap.add_argument("--Re", type=float, default=200.0)
+    ap.add_argument("--noise", type=float, default=0.0, help="observation noise std, vorticity units")
+
+
+def problem_override(a, truth: int) -> str:
+    """The job's problem for one truth."""
+    return (f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
+            f"truth_seed: {truth}, member_chunk: auto}}")
+
+
 def base(a, J: int, truth: int) -> list[str]:
     prior = (["prior={kind: learned, checkpoint: " + a.prior + "}"] if not a.prior.startswith("gaussian_fit:")
              else ["prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}"])
-    return [f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
-            f"truth_seed: {truth}, member_chunk: auto}}", *prior, f"enkg.ensemble_size={J}",
+    return [problem_override(a, truth), *prior, f"enkg.ensemble_size={J}",
             f"enkg.num_steps={a.N}", f"enkg.num_corrections={a.K}", "output_dir=/tmp/unused", f"seed={truth}",
             f"name=navier-stokes-{a.n}-k{a.k}-noise{a.noise:g}"]
 
@@ -116,12 +130,8 @@ def high_k_share(a, truth: int, k_cut: float = 8.0) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--T", type=float, default=1.0)
-    ap.add_argument("--Re", type=float, default=200.0)
-    ap.add_argument("--noise", type=float, default=0.0, help="observation noise std, vorticity units")
-    ap.add_argument("--prior", default="builtin:ns32", help="learned checkpoint, or gaussian_fit:DATA.zarr")
+    add_problem_args(ap)
+    ap.add_argument("--prior", default="builtin:ns64", help="learned checkpoint, or gaussian_fit:DATA.zarr")
     ap.add_argument("--J", type=int, default=32)
     ap.add_argument("--N", type=int, default=20)
     ap.add_argument("--K", type=int, default=2)

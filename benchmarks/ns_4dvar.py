@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from navier_stokes_table import add_problem_args, problem_override
+
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
 
@@ -28,9 +30,7 @@ def build(a, truth: int):
     """Problem and Gaussian prior of the benchmark's config for one truth."""
     prior = ("prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}" if a.prior == "grf" else
              "prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}")
-    cfg = cfgmod.load_config(None, [
-        f"problem={{kind: navier_stokes, n: {a.n}, k: {a.k}, T: {a.T}, Re: {a.Re}, noise_std: {a.noise}, "
-        f"truth_seed: {truth}}}", prior, "output_dir=/tmp/unused", f"seed={truth}"])
+    cfg = cfgmod.load_config(None, [problem_override(a, truth), prior, "output_dir=/tmp/unused", f"seed={truth}"])
     built = runner.build(cfg)
     return built.problem, built.prior
 
@@ -102,11 +102,7 @@ def var4d(pb, prior, sigma: float, iterations: int, report: set[int], max_step: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--T", type=float, default=1.0)
-    ap.add_argument("--Re", type=float, default=200.0)
-    ap.add_argument("--noise", type=float, default=0.0, help="observation noise std in y, vorticity units")
+    add_problem_args(ap)
     ap.add_argument("--prior", default="grf", help="grf (alpha 2.5, tau 3, std 0.5, as EKI's) or gaussian_fit:DATA")
     ap.add_argument("--sigma", type=float, default=1.0, help="the misfit's noise std, vorticity units")
     ap.add_argument("--iterations", type=int, default=100)
