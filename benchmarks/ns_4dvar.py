@@ -2,7 +2,8 @@
 prior, by L-BFGS with the exact gradient (autograd through our torch solver). It is the gradient-access point estimate
 that EnKG's forward-only answer is read against, and a measure of what the observations determine.
 
-    python benchmarks/ns_4dvar.py --truths 0,1,2 --prior gaussian_fit:data/ns64_2k.zarr --sigma 1 --iterations 100
+    python benchmarks/ns_4dvar.py --truths 0,1,2 --iterations 400 --sigma 1 --report 100,200,300
+    python benchmarks/ns_4dvar.py --truths 0 --iterations 200 --sigma 0.1 --prior gaussian_fit:data/ns64_2k.zarr
 
 Objective in the prior's white coordinates z (x = mu + C^{1/2} z, the usual control-variable transform):
 Phi(z) = 1/2 |(G(x) - y) / sigma|^2 + 1/2 |z|^2, sigma in vorticity units (for noiseless y it is the misfit weight:
