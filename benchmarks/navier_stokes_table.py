@@ -38,12 +38,18 @@ PUBLISHED = [  # (source, setting, method, rel. L2, note)
 ]
 
 
+def gaussian_prior_override(spec: str) -> str:
+    """The job's Gaussian prior: `grf` (alpha 2.5, tau 3, std 0.5, the paper's EKI prior) or `gaussian_fit:DATA`."""
+    if spec == "grf":
+        return "prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}"
+    return "prior={kind: gaussian_fit, data: " + spec.split(":", 1)[1] + "}"
+
+
 def methods(a) -> dict[str, list[str]]:
     """Method label -> config overrides on the base job."""
     loc = [f"enkg.localisation={{kind: gaspari_cohn, radius: {a.radius}}}", f"enkg.guard={a.guard}"]
-    grf = a.eki_prior == "grf"
-    eki_prior = (("Gaussian prior", "prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}") if grf else
-                 ("fitted Gaussian prior", "prior={kind: gaussian_fit, data: " + a.eki_prior.split(":", 1)[1] + "}"))
+    eki_prior = ("Gaussian prior" if a.eki_prior == "grf" else "fitted Gaussian prior",
+                 gaussian_prior_override(a.eki_prior))
     return {
         "EnKG, authors' step (s = 2, |A|_F, no guard)": ["enkg.localisation.kind=none", "enkg.guard=null"],
         "EnKG, guard 1 (previous default)": ["enkg.localisation.kind=none", "enkg.guard=1"],

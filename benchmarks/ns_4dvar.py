@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from navier_stokes_table import add_problem_args, problem_override
+from navier_stokes_table import add_problem_args, gaussian_prior_override, problem_override
 
 from enkg_dist import config as cfgmod
 from enkg_dist import runner
@@ -29,9 +29,8 @@ from enkg_dist import runner
 
 def build(a, truth: int):
     """Problem and Gaussian prior of the benchmark's config for one truth."""
-    prior = ("prior={kind: gaussian, alpha: 2.5, tau: 3.0, std: 0.5}" if a.prior == "grf" else
-             "prior={kind: gaussian_fit, data: " + a.prior.split(":", 1)[1] + "}")
-    cfg = cfgmod.load_config(None, [problem_override(a, truth), prior, "output_dir=/tmp/unused", f"seed={truth}"])
+    cfg = cfgmod.load_config(None, [problem_override(a, truth), gaussian_prior_override(a.prior),
+                                    "output_dir=/tmp/unused", f"seed={truth}"])
     built = runner.build(cfg)
     return built.problem, built.prior
 
