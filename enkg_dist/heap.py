@@ -5,7 +5,7 @@ unmaps it on free, and returns the heap's free top to the kernel above its trim 
 large grid allocates and frees fields of several MiB at every operation, so each one comes back as fresh pages that
 the kernel must fault in and zero. Measured (issue 18, `benchmarks/bench_mpi_ns.py`, one rank, float64, quiet
 machine): 52.6 -> 29.8 ms a step at 512^2 and 1928 -> 730 ms at 2048^2 with every allocation served from the heap
-and the heap never trimmed below 1 GiB. Callers: the serial solver from 256^2 on, every MPI solver rank, and the
+and the heap never trimmed below 1 GiB. Callers: every CPU solve of the serial solver, every MPI solver rank, and the
 learned prior and its training on the CPU (a UNet batch's activations: at B = 256, 64^2, 16 channels, 67 MiB a layer;
 `benchmarks/bench_prior_heap.py`). Memory is not lost: freed blocks are reused by the next allocation; the
 process keeps its peak resident size (up to `trim_bytes` of it free) instead of returning it to the kernel.

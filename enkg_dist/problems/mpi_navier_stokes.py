@@ -40,6 +40,7 @@ import torch
 
 from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes.equation import k1_contiguous
+from enkg_dist.problems.navier_stokes.kernels import cn_factors
 
 LANDING_TOL = 1e-9  # as the serial solver: a step within this fraction of dt of T lands on T
 DEALIAS = ("disc", "two_thirds")
@@ -182,9 +183,7 @@ class SlabNavierStokes:
 
     def heun_cn_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor | None = None) -> torch.Tensor:
         """integrator.heun_cn_step for one field (n1: N(w_hat) if already known)."""
-        q = torch.reciprocal_(1 - self.half_viscous_c * dt)
-        e = q.mul(2).sub_(1)
-        g = q.mul_(dt)
+        e, g = cn_factors(self.half_viscous_c, dt, None)
         if n1 is None:
             n1 = self.tendency(w_hat)[0]
         ew = w_hat * e

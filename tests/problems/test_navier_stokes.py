@@ -190,7 +190,7 @@ def test_chunk_one_bits_depend_on_the_member_only():
 
 
 def test_default_lanes_fit_the_cache():
-    assert default_chunk(128, torch.float32) == 2 and default_chunk(512, torch.float64) == 1
+    assert default_chunk(128, torch.float32) == 4 and default_chunk(512, torch.float64) == 1
     assert default_chunk(16, torch.float64) == 64
     assert default_chunk(32, torch.float32) == 2 * default_chunk(32, torch.float64)
 

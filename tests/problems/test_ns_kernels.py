@@ -6,7 +6,7 @@ import torch
 
 from enkg_dist.problems.navier_stokes import NavierStokes2D, grf_vorticity, solve
 from enkg_dist.problems.navier_stokes.equation import k1_contiguous
-from enkg_dist.problems.navier_stokes.kernels import irfft2_k1, lane_step, rfft2_k1, scripted
+from enkg_dist.problems.navier_stokes.kernels import cn_factors, irfft2_k1, lane_step, rfft2_k1, scripted
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,8 @@ def test_scripted_lane_step_equals_eager_on_white_noise():
     w_hat = eq.fft(5 * torch.randn(3, n, n, dtype=torch.float64, generator=g), k1_contiguous=True)
     n1 = eq.tendency(w_hat)
     dts = torch.tensor([1e-3, 4e-3, 1e-2], dtype=torch.float64)[:, None, None]
-    args = (0.0, dts, *eq.kernel_constants())
+    half_viscous_c, *consts = eq.kernel_constants()
+    args = (*cn_factors(half_viscous_c, 0.0, dts), *consts)
     eager = lane_step(w_hat, n1.clone(), *args)
     fast = scripted(lane_step)(w_hat, n1.clone(), *args)
     assert isinstance(scripted(lane_step), torch.jit.ScriptFunction)
@@ -83,3 +84,17 @@ def test_a_function_torchscript_cannot_compile_runs_eager_with_a_warning(monkeyp
     monkeypatch.setenv("ENKG_NS_SCRIPT", "1")
     with pytest.warns(RuntimeWarning, match="TorchScript could not compile _not_scriptable"):
         assert scripted(_not_scriptable) is _not_scriptable
+
+
+def test_lanes_share_the_steps_factors():
+    # paper and fixed modes: one cn_factors per step for every lane, the bits of each lane's own
+    from enkg_dist.problems.navier_stokes.solver import _StepFactors
+
+    half_viscous_c = NavierStokes2D(32).kernel_constants()[0]
+    factors = _StepFactors(half_viscous_c, scripted(cn_factors))
+    e, g = factors(1e-3, None)
+    assert factors(1e-3, None)[0] is e and factors(1e-3, None)[1] is g
+    for dt, dts in ((2e-3, None), (0.0, torch.tensor([1e-3, 3e-3], dtype=torch.float64)[:, None, None])):
+        got, want = factors(dt, dts), cn_factors(half_viscous_c, dt, dts)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(factors(2e-3, None)[0], e)

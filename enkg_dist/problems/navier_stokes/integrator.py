@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D
-from enkg_dist.problems.navier_stokes.kernels import heun_cn
+from enkg_dist.problems.navier_stokes.kernels import cn_factors, heun_cn
 
 
 def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | float, n1: torch.Tensor | None = None
@@ -29,4 +29,5 @@ def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | flo
     if n1 is None:
         n1 = eq.tendency(w_hat)
     half_viscous_c, tendency_mult, _, flux_mult, f_mode, kf, n = eq.kernel_constants()
-    return heun_cn(w_hat, n1, float(dt), dts, half_viscous_c, tendency_mult, flux_mult, f_mode, kf, n)
+    e, g = cn_factors(half_viscous_c, float(dt), dts)
+    return heun_cn(w_hat, n1, e, g, tendency_mult, flux_mult, f_mode, kf, n)

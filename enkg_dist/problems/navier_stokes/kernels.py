@@ -1,7 +1,7 @@
 """The solver's inner loop as free functions of tensors: k1-contiguous FFTs, the tendency from stacked spectra, the
 Heun/Crank–Nicolson step (integrator.py) and a lane's whole step, written in the TorchScript subset.
 
-`NavierStokes2D`, `heun_cn_step` and the solver's lanes all call these, so there is one copy of the arithmetic.
+`NavierStokes2D`, `heun_cn_step`, the MPI solver's ranks and the solver's lanes all call these, so there is one copy of the arithmetic.
 `scripted(fn)` is the same function compiled by TorchScript: the same aten ops in the same order (bit for bit the
 eager results, tested), run by the C++ interpreter, which does not hold the GIL. A lane step is ~45 torch ops; in eager
 mode each takes the GIL for a few microseconds, so lanes on two threads queue for it (measured: two threads slower
@@ -59,11 +59,10 @@ def tendency_from_spectra(spec: torch.Tensor, flux_mult: torch.Tensor, f_mode: f
     return nonlin, (uv * uv).sum(dim=[-3]).amax(dim=[-2, -1])
 
 
-def heun_cn(w_hat: torch.Tensor, n1: torch.Tensor, dt: float, dts: Optional[torch.Tensor],
-            half_viscous_c: torch.Tensor, tendency_mult: torch.Tensor, flux_mult: torch.Tensor, f_mode: float,
-            kf: int, n: int) -> torch.Tensor:
-    """One Heun/Crank–Nicolson step (integrator.py): w~ = e w_n + g N(w_n), w_{n+1} = e w_n + (g/2)(N(w_n) + N(w~))
-    with q = 1/(1 - dt L/2), e = 2q - 1, g = dt q; dt one float for all members, or dts (B, 1, 1) per member."""
+def cn_factors(half_viscous_c: torch.Tensor, dt: float, dts: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Crank–Nicolson factors of a step (integrator.py): e = 2q - 1 and g = dt q with q = 1/(1 - dt L/2); dt one
+    float for all members, or dts (B, 1, 1) per member. Members sharing one dt share them (paper mode: every lane)."""
     # complex factors: a complex x real product casts its real factor, one more pass
     if dts is None:
         q = torch.reciprocal_(1 - half_viscous_c * dt)
@@ -74,6 +73,13 @@ def heun_cn(w_hat: torch.Tensor, n1: torch.Tensor, dt: float, dts: Optional[torc
         g = q.mul_(dt)
     else:
         g = q.mul_(dts)
+    return e, g
+
+
+def heun_cn(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.Tensor, tendency_mult: torch.Tensor,
+            flux_mult: torch.Tensor, f_mode: float, kf: int, n: int) -> torch.Tensor:
+    """One Heun/Crank–Nicolson step (integrator.py): w~ = e w_n + g N(w_n), w_{n+1} = e w_n + (g/2)(N(w_n) + N(w~)),
+    with the step's factors e, g (`cn_factors`)."""
     ew = w_hat * e
     n2 = tendency_from_spectra(torch.addcmul(ew, g, n1).unsqueeze(-3) * tendency_mult, flux_mult, f_mode, kf, n)[0]
     return ew.addcmul_(g, n1.add_(n2), value=0.5)
@@ -87,13 +93,12 @@ def look(w_hat: torch.Tensor, look_mult: torch.Tensor, flux_mult: torch.Tensor, 
     return n1, (s2.sqrt() if s2 is not None else None)
 
 
-def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, dt: float, dts: Optional[torch.Tensor],
-              half_viscous_c: torch.Tensor, tendency_mult: torch.Tensor, look_mult: torch.Tensor,
-              flux_mult: torch.Tensor, f_mode: float, kf: int, n: int
+def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.Tensor, tendency_mult: torch.Tensor,
+              look_mult: torch.Tensor, flux_mult: torch.Tensor, f_mode: float, kf: int, n: int
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """A lane's step and its look at the new state: (w_{n+1}, N(w_{n+1}), max|u| per member at w_{n+1} or None,
-    the sum of each member's real and imaginary parts, for the finite check)."""
-    w = heun_cn(w_hat, n1, dt, dts, half_viscous_c, tendency_mult, flux_mult, f_mode, kf, n)
+    """A lane's step by the factors e, g (`cn_factors`) and its look at the new state: (w_{n+1}, N(w_{n+1}), max|u|
+    per member at w_{n+1} or None, the sum of each member's real and imaginary parts, for the finite check)."""
+    w = heun_cn(w_hat, n1, e, g, tendency_mult, flux_mult, f_mode, kf, n)
     n1_next, speed = look(w, look_mult, flux_mult, f_mode, kf, n)
     return w, n1_next, speed, torch.view_as_real(w).sum(dim=[-3, -2, -1])
 

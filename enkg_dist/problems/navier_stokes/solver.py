@@ -11,20 +11,18 @@ the step rule's velocity, which is the unmasked field's and so cannot share the 
 stacked transforms: the step rule's velocity comes out of the predictor's inverse transform (`kernels.look`);
 spectra are k1-contiguous (`kernels.rfft2_k1`). A lane's step and look are one call (`kernels.lane_step`), on CPU
 compiled by TorchScript, which runs it without holding the GIL. On CPU the lanes run on torch.get_num_threads()
-threads, each computing with one intra-op thread: a member's bits depend on the members in its lane (chunk) only,
-never on the thread count; with chunk=1 they depend on nothing but the member. In
-per-member and fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step
-taken between steps.
+threads (`lane_threads.py`), each computing with one intra-op thread: a member's bits depend on the members in its
+lane (chunk) only, never on the thread count; with chunk=1 they depend on nothing but the member. In per-member and
+fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step taken between
+steps, and share the step's Crank–Nicolson factors. On CPU a solve keeps freed memory in its process
+(`enkg_dist.heap`): a lane's temporaries exceed malloc's mmap threshold, and would otherwise come back as fresh pages.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +31,12 @@ from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D, k1_contiguous
 from enkg_dist.problems.navier_stokes import kernels
 from enkg_dist.problems.navier_stokes.kernels import scripted
+from enkg_dist.problems.navier_stokes.lane_threads import run_all, single_threaded_ops
 
 MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
-LANE_BYTES = 4 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
+LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
-RETAIN_FROM_N = 256  # from this grid size on, freed memory stays in the process (enkg_dist.heap)
 
 
 @dataclass
@@ -79,8 +77,10 @@ def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[flo
 
 def default_chunk(n: int, dtype: torch.dtype) -> int:
     """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
-    fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache (measured at
-    128^2 float32, one thread, on a busy machine: 2 or 4 members per lane fastest, 8 and 16 slower than 1)."""
+    fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache. Measured
+    with freed memory retained (the solver's default), one thread, paper mode, member-steps/s by members per lane:
+    128^2 float32 1709 / 1981 / 2163 / 1933 / 1646 for 1 / 2 / 4 / 8 / 16; 64^2 per-member steps 5962 / 7357 /
+    8184 / 7562 for 4 / 8 / 16 / 32 (before the heap was retained at these sizes, 2 was fastest at 128^2)."""
     per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
@@ -152,19 +152,20 @@ class _Lane:
     so far (w(T) of the members that landed, reasons of those that failed). Pending n1 / speed: N(w) and max|u| at
     the current state, computed at the end of the previous step (the next step's predictor and step rule)."""
 
-    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool, lane_kernels):
-        self.members, self.w_hat, self.eq, self.adaptive = members, w_hat, eq, adaptive
+    def __init__(self, members: list[int], w_hat: torch.Tensor, eq: NavierStokes2D, adaptive: bool, lane_kernels,
+                 factors: _StepFactors):
+        self.members, self.w_hat, self.eq, self.adaptive, self._factors = members, w_hat, eq, adaptive, factors
         self._step_kernel, self._look_kernel = lane_kernels  # kernels.lane_step and kernels.look, scripted or not
         self.t = [0.0] * len(members)
         self.steps = [0] * len(members)
         self.finished: list[tuple[int, torch.Tensor | None, int, float, str | None]] = []
-        self._consts = eq.kernel_constants(adaptive)
+        self._consts = eq.kernel_constants(adaptive)[1:]  # the step's factors come from `factors`
         self.n1 = self.speed = None
         self._look()
 
     def _look(self) -> None:
         """N(w) (and max|u| when the step is adaptive) at the current state."""
-        _, _, look_mult, flux_mult, f_mode, kf, n = self._consts
+        _, look_mult, flux_mult, f_mode, kf, n = self._consts
         self.n1, self.speed = self._look_kernel(self.w_hat, look_mult, flux_mult, f_mode, kf, n)
 
     def speeds(self) -> list[float]:
@@ -181,8 +182,8 @@ class _Lane:
             dts.append(rem if land else dt)
         one = all(d == dts[0] for d in dts)  # one member, or paper mode: a float, no per-member factors
         per_member = None if one else torch.tensor(dts, dtype=self.eq.dtype, device=self.w_hat.device)[:, None, None]
-        self.w_hat, self.n1, self.speed, sums = self._step_kernel(
-            self.w_hat, self.n1, dts[0] if one else 0.0, per_member, *self._consts)
+        e, g = self._factors(dts[0] if one else 0.0, per_member)
+        self.w_hat, self.n1, self.speed, sums = self._step_kernel(self.w_hat, self.n1, e, g, *self._consts)
         finite = _finite_rows(self.w_hat, sums)
         keep, leaving = [], []
         for i in range(len(self.members)):
@@ -216,81 +217,32 @@ class _Lane:
             self._look()
 
 
+class _StepFactors:
+    """`kernels.cn_factors` for a solve's lanes, those of the last single dt kept: in paper and fixed modes every lane
+    takes the same step, so one computation serves them all (the same bits as each lane's own)."""
+
+    def __init__(self, half_viscous_c: torch.Tensor, kernel):
+        self.half_viscous_c, self.kernel = half_viscous_c, kernel
+        self.last: tuple | None = None  # (dt, e, g); replaced whole, so lane threads may share it
+
+    def __call__(self, dt: float, dts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if dts is not None:
+            return self.kernel(self.half_viscous_c, 0.0, dts)
+        last = self.last
+        if last is None or last[0] != dt:
+            last = (dt, *self.kernel(self.half_viscous_c, dt, None))
+            self.last = last
+        return last[1], last[2]
+
+
 def _finite_rows(w_hat: torch.Tensor, sums: torch.Tensor) -> list[bool]:
     """Whether each member's field is finite, from the sum per member of its real and imaginary parts, confirmed
     elementwise where that is not finite (a sum of finite values can overflow)."""
-    finite = torch.isfinite(sums).tolist()
+    finite = [math.isfinite(x) for x in sums.tolist()]  # a torch op here cost 2 % of a 128^2 step
     for i, ok in enumerate(finite):
         if not ok:
             finite[i] = bool(torch.isfinite(torch.view_as_real(w_hat[i])).all())
     return finite
-
-
-# --- threads: lanes on worker threads that each compute with one intra-op thread ---------------------------------
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_pid = -1
-_pool_lock = threading.Lock()
-
-
-def _workers(extra: int) -> ThreadPoolExecutor:
-    """A pool of at least `extra` threads whose torch ops run single-threaded (made once per process)."""
-    global _pool, _pool_size, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_size < extra or _pool_pid != os.getpid():
-            before = torch.get_num_threads()
-            pool = ThreadPoolExecutor(extra, thread_name_prefix="ns-lane", initializer=torch.set_num_threads,
-                                      initargs=(1,))
-            started = threading.Barrier(extra + 1)
-            for _ in range(extra):  # start every thread now, so that their set_num_threads(1) is over ...
-                pool.submit(started.wait)
-            started.wait()
-            torch.set_num_threads(before)  # ... before this restores the process default it also set
-            if _pool is not None and _pool_pid == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool, _pool_size, _pool_pid = pool, extra, os.getpid()
-        return _pool
-
-
-@contextmanager
-def _single_threaded_ops():
-    """torch ops in this thread on one intra-op thread (FFT results can depend on the intra-op thread count)."""
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _run_all(tasks, threads: int) -> None:
-    """Run the zero-argument callables: here and on threads-1 pool threads, each taking the next from a queue."""
-    tasks = deque(tasks)
-    if threads <= 1 or len(tasks) <= 1:
-        while tasks:
-            tasks.popleft()()
-        return
-
-    def drain():
-        while True:
-            try:
-                task = tasks.popleft()
-            except IndexError:
-                return
-            task()
-
-    futures = [_workers(threads - 1).submit(drain) for _ in range(min(threads, len(tasks)) - 1)]
-    try:
-        drain()
-    finally:
-        errors = [f.exception() for f in futures]
-    for e in errors:
-        if e is not None:
-            raise e
 
 
 def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equation: NavierStokes2D | None = None,
@@ -319,8 +271,8 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
         raise ValueError(f"equation is for {eq.n}^2 grids, omega0 is {omega0.shape[-1]}^2")
     h = 1.0 / eq.n if h is None else float(h)
     cpu = omega0.device.type == "cpu"
-    if cpu and eq.n >= RETAIN_FROM_N:
-        retain_freed_memory()
+    if cpu:
+        retain_freed_memory()  # a lane's temporaries exceed malloc's mmap threshold: page faults on every op otherwise
     chunk = resolve_chunk(chunk, eq, mode, dt, omega0.shape[0])
     threads = (threads or torch.get_num_threads()) if cpu else 1
     mu = step_viscosity(eq)
@@ -348,9 +300,10 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
     # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
     lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
+    factors = _StepFactors(eq.kernel_constants()[0], scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
 
     def start(k: int) -> None:
-        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels)
+        lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels, factors)
 
     def rule(lane: _Lane) -> tuple[list[float], list[bool]]:
         """This lane's own steps and non-finite-speed flags (per-member rule, or the fixed dt)."""
@@ -365,17 +318,17 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
         while lane.members:
             lane.advance(*rule(lane), T, max_steps)
 
-    with _single_threaded_ops() if cpu else nullcontext():
+    with single_threaded_ops() if cpu else nullcontext():
         if mode != "paper":
-            _run_all([lambda k=k: run_lane(k) for k in range(len(groups))], threads)
+            run_all([lambda k=k: run_lane(k) for k in range(len(groups))], threads)
         else:
-            _run_all([lambda k=k: start(k) for k in range(len(groups))], threads)
+            run_all([lambda k=k: start(k) for k in range(len(groups))], threads)
             while any(lane.members for lane in lanes):
                 live = [lane for lane in lanes if lane.members]
                 rules = [rule(lane) for lane in live]
                 good = [s for st, bad in rules for s, b in zip(st, bad) if not b]
                 batch_dt = min(good) if good else None  # one step for the whole batch: its fastest member sets it
-                _run_all([lambda lane=lane, st=st, bad=bad: lane.advance(
+                run_all([lambda lane=lane, st=st, bad=bad: lane.advance(
                     [batch_dt if batch_dt is not None else s for s in st], bad, T, max_steps)
                     for lane, (st, bad) in zip(live, rules)], threads)
 
