@@ -78,9 +78,10 @@ def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[flo
 def default_chunk(n: int, dtype: torch.dtype) -> int:
     """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
     fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache. Measured
-    with freed memory retained (the solver's default), one thread, paper mode, member-steps/s by members per lane:
-    128^2 float32 1709 / 1981 / 2163 / 1933 / 1646 for 1 / 2 / 4 / 8 / 16; 64^2 per-member steps 5962 / 7357 /
-    8184 / 7562 for 4 / 8 / 16 / 32 (before the heap was retained at these sizes, 2 was fastest at 128^2)."""
+    with freed memory retained (the solver's default), one thread, float32, member-steps/s by members per lane:
+    128^2 paper mode 1709 / 1981 / 2163 / 1933 / 1646 for 1 / 2 / 4 / 8 / 16 in one run, 2 and 4 within noise of
+    each other in six alternating rounds (0.84-1.19); 64^2 per-member steps 5962 / 7357 / 8184 / 7562 for 4 / 8 /
+    16 / 32, and 16 ahead of 8 by 10 % in a second session."""
     per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
