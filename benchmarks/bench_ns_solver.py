@@ -21,8 +21,8 @@ Both solvers run under the same allocator: our solver keeps freed memory in the 
 first CPU solve, process-wide), so the benchmark sets it before anything runs and the reference has it from its
 first round. Without it, the reference's batched temporaries (1 MiB a field at 128^2, 16 members) come back as
 fresh pages at every operation; before this was set here, the reference paid those page faults and ours, in
-smaller lanes, fewer, and the ratios flattered ours (1 thread, paper mode, same session: 1.50x / 1.39x with the
-reference faulting, 1.24x / 1.22x without).
+smaller lanes, fewer, and the ratios flattered ours (1 thread, paper mode, three runs in a row: 1.15x and 1.14x
+with both retaining, 1.29x with ENKG_RETAIN_FREED_MEMORY=0, which turns it off for both).
 
     python benchmarks/bench_ns_solver.py [--n 128] [--members 16] [--T 1.0] [--threads 1 2] [--rounds 3]
 """
