@@ -44,8 +44,7 @@ def test_scripted_lane_step_equals_eager_on_white_noise():
     w_hat = eq.fft(5 * torch.randn(3, n, n, dtype=torch.float64, generator=g), k1_contiguous=True)
     n1 = eq.tendency(w_hat)
     dts = torch.tensor([1e-3, 4e-3, 1e-2], dtype=torch.float64)[:, None, None]
-    half_viscous_c, *consts = eq.kernel_constants()
-    args = (*cn_factors(half_viscous_c, 0.0, dts), *consts)
+    args = (*cn_factors(eq.half_viscous_c, 0.0, dts), *eq.kernel_constants())
     eager = lane_step(w_hat, n1.clone(), *args)
     fast = scripted(lane_step)(w_hat, n1.clone(), *args)
     assert isinstance(scripted(lane_step), torch.jit.ScriptFunction)
@@ -90,7 +89,7 @@ def test_lanes_share_the_steps_factors():
     # paper and fixed modes: one cn_factors per step for every lane, the bits of each lane's own
     from enkg_dist.problems.navier_stokes.solver import _StepFactors
 
-    half_viscous_c = NavierStokes2D(32).kernel_constants()[0]
+    half_viscous_c = NavierStokes2D(32).half_viscous_c
     factors = _StepFactors(half_viscous_c, scripted(cn_factors))
     e, g = factors(1e-3, None)
     assert factors(1e-3, None)[0] is e and factors(1e-3, None)[1] is g

@@ -121,12 +121,11 @@ class NavierStokes2D:
         return irfft2_k1(w_hat, self.n)
 
     def kernel_constants(self, adaptive: bool = True) -> tuple:
-        """What `kernels.lane_step` takes after its state and step: (L/2, the tendency's 3 multipliers, the look's
-        multipliers (5 with the step rule's unmasked velocity when adaptive, else the tendency's 3), the flux's 2,
-        the forcing mode's value, its wavenumber, n)."""
+        """What `kernels.lane_step` takes after its state and the step's factors (`kernels.cn_factors` of
+        `half_viscous_c`): (the tendency's 3 multipliers, the look's multipliers (5 with the step rule's unmasked
+        velocity when adaptive, else the tendency's 3), the flux's 2, the forcing mode's value, its wavenumber, n)."""
         look = self._first_mult if adaptive else self._tendency_mult
-        return (self.half_viscous_c, self._tendency_mult, look, self._flux_mult, self.f_mode, self.forcing_wavenumber,
-                self.n)
+        return self._tendency_mult, look, self._flux_mult, self.f_mode, self.forcing_wavenumber, self.n
 
     def viscous_symbol(self) -> torch.Tensor:
         """L = -nu |k|^2: the Fourier symbol of nu Lap, on the half-grid (n, n//2+1)."""

@@ -28,6 +28,6 @@ def heun_cn_step(eq: NavierStokes2D, w_hat: torch.Tensor, dt: torch.Tensor | flo
         dts, dt = dt.to(device=w_hat.device, dtype=eq.dtype).reshape(*dt.shape, 1, 1), 0.0
     if n1 is None:
         n1 = eq.tendency(w_hat)
-    half_viscous_c, tendency_mult, _, flux_mult, f_mode, kf, n = eq.kernel_constants()
-    e, g = cn_factors(half_viscous_c, float(dt), dts)
+    tendency_mult, _, flux_mult, f_mode, kf, n = eq.kernel_constants()
+    e, g = cn_factors(eq.half_viscous_c, float(dt), dts)
     return heun_cn(w_hat, n1, e, g, tendency_mult, flux_mult, f_mode, kf, n)

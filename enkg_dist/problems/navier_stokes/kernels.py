@@ -1,7 +1,8 @@
 """The solver's inner loop as free functions of tensors: k1-contiguous FFTs, the tendency from stacked spectra, the
 Heun/Crank–Nicolson step (integrator.py) and a lane's whole step, written in the TorchScript subset.
 
-`NavierStokes2D`, `heun_cn_step`, the MPI solver's ranks and the solver's lanes all call these, so there is one copy of the arithmetic.
+`NavierStokes2D`, `heun_cn_step`, the MPI solver's ranks and the solver's lanes all call these, so there is one copy
+of the arithmetic.
 `scripted(fn)` is the same function compiled by TorchScript: the same aten ops in the same order (bit for bit the
 eager results, tested), run by the C++ interpreter, which does not hold the GIL. A lane step is ~45 torch ops; in eager
 mode each takes the GIL for a few microseconds, so lanes on two threads queue for it (measured: two threads slower

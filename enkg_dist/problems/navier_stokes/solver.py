@@ -160,7 +160,7 @@ class _Lane:
         self.t = [0.0] * len(members)
         self.steps = [0] * len(members)
         self.finished: list[tuple[int, torch.Tensor | None, int, float, str | None]] = []
-        self._consts = eq.kernel_constants(adaptive)[1:]  # the step's factors come from `factors`
+        self._consts = eq.kernel_constants(adaptive)
         self.n1 = self.speed = None
         self._look()
 
@@ -301,7 +301,7 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
     # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
     lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
-    factors = _StepFactors(eq.kernel_constants()[0], scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
+    factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
 
     def start(k: int) -> None:
         lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels, factors)
