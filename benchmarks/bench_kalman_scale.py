@@ -23,7 +23,8 @@ import time
 POINT = r"""
 import json, resource, sys, time
 import torch
-J, d, m, dtype, threads, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+J, d, m, dtype, threads, repeats = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                    int(sys.argv[5]), int(sys.argv[6]))
 torch.set_num_threads(threads)
 from enkg_dist import kalman
 from enkg_dist.noise import NoiseCovariance
@@ -97,8 +98,8 @@ def main():
                 p["load_after"] = load()
                 points.append(p)
                 extra = (p["peak_rss_bytes"] - p["inputs_rss_bytes"]) / p["ensemble_bytes"]
-                print(f"| {J} | {dtype} | {threads} | {p['seconds']:.2f} | {p['gflops']:.1f} | {p['gemm_gflops']:.1f} | "
-                      f"{p['fraction_of_gemm']:.2f} | {p['peak_rss_bytes'] / 2**30:.2f} | "
+                print(f"| {J} | {dtype} | {threads} | {p['seconds']:.2f} | {p['gflops']:.1f} | "
+                      f"{p['gemm_gflops']:.1f} | {p['fraction_of_gemm']:.2f} | {p['peak_rss_bytes'] / 2**30:.2f} | "
                       f"{p['inputs_rss_bytes'] / 2**30:.2f} | {extra:.2f} | {p['load_after'].split()[0]} |", flush=True)
     print(f"load after: {load()}")
     if args.json:

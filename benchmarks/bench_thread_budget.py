@@ -1,7 +1,7 @@
 """The thread budget against a competing CPU-bound process: the Navier-Stokes solver's throughput, quiet and shared.
 
-Each configuration runs in its own process, the same member solves (B members of 32x32 (64 by default), T = 0.25, per-member steps,
-chunk 1 as NavierStokesForward runs them):
+Each configuration runs in its own process, the same member solves (B members of 32x32 (64 by default), T = 0.25,
+per-member steps, chunk 1 as NavierStokesForward runs them):
   quiet, default     nothing else running, torch's default threads (one per core)
   shared, default    a competing CPU-bound torch process (matrix products on its default threads), this one on torch's
                      default threads too (before the budget)

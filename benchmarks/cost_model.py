@@ -19,9 +19,9 @@ member), c_0 + J c_d (the Ray pool's wall time per evaluate over the simulator's
 of a run of 4 members on 8^2, where nothing else costs), r (run-store records of J members at once), c_p (a
 Ray prior call over the same call in this process). Each measured run records
 its phases (denoise, forward, update, store: phases.PhaseClock) in its store; the table prints model against
-measurement and the error per phase. Then the same formulas, with this machine's constants or stated assumptions where a part
-cannot be measured here (GPU denoiser rate), give the paper's problem (128^2, m = 64^2) at J = 10^4 on 1,000 GPUs
-and 10^4 simulator slots: which term saturates first.
+measurement and the error per phase. Then the same formulas, with this machine's constants or stated assumptions
+where a part cannot be measured here (GPU denoiser rate), give the paper's problem (128^2, m = 64^2) at J = 10^4 on
+1,000 GPUs and 10^4 simulator slots: which term saturates first.
 
 Usage: python benchmarks/cost_model.py [--threads 1] [--quick]
 """
@@ -236,7 +236,8 @@ def check(points, tmp: str) -> list[float]:
             print(f"| {label} | {phase} | {'-' if p is None else f'{p:.3f}'} | {got[phase]:.3f} | "
                   f"{'-' if err is None else f'{err:+.0%}'} |", flush=True)
         print(f"|  | constants | t_D {c['t_D'] * 1e6:.1f} us, t_G {c['t_G'] * 1e3:.2f} ms, c_0 {c['c_0'] * 1e3:.1f} "
-              f"ms, c_d {c['c_d'] * 1e3:.3f} ms, r {c['r'] * 1e3:.3f} ms, c_p {c['c_p'] * 1e3:.1f} ms | | |", flush=True)
+              f"ms, c_d {c['c_d'] * 1e3:.3f} ms, r {c['r'] * 1e3:.3f} ms, c_p {c['c_p'] * 1e3:.1f} ms | | |",
+              flush=True)
     return errors
 
 
@@ -252,7 +253,8 @@ def extrapolate(R_cpu: float, c_d: float, c_0: float, args) -> None:
         "simulators (ceil(J/W) x t_G, %d slots)" % args.slots: math.ceil(J / args.slots) * args.t_G,
         "driver dispatch + gather (c_0 + J c_d)": c_0 + J * c_d,
         "update on the driver's CPU (this machine's R)": (4 * J * J * m + 2 * J * J * d) / R_cpu,
-        "update on one GPU (%.0f TFLOP/s)" % args.gpu_tflops: (4 * J * J * m + 2 * J * J * d) / (args.gpu_tflops * 1e12),
+        "update on one GPU (%.0f TFLOP/s)" % args.gpu_tflops:
+            (4 * J * J * m + 2 * J * J * d) / (args.gpu_tflops * 1e12),
         "store: the ensemble (J d float32) at %.1f GB/s" % args.disk_gbs: J * d * 4 / (args.disk_gbs * 1e9),
     }
     print(f"\nThe paper's problem at J = {J}: d = 128², m = 64², K = {K}, per correction (a guided step has K of "
@@ -262,8 +264,8 @@ def extrapolate(R_cpu: float, c_d: float, c_0: float, args) -> None:
     for k, v in terms.items():
         print(f"| {k} | {v:.3g} |")
     print(f"assumptions (not measured here): a denoiser of {args.denoiser_gflop:g} GFLOP per member at 128² run at "
-          f"{args.gpu_tflops:g} TFLOP/s per GPU; t_G = {args.t_G:g} s per member (the 128², T = 1 solve measured on one "
-          f"core here); a parallel file system at {args.disk_gbs:g} GB/s")
+          f"{args.gpu_tflops:g} TFLOP/s per GPU; t_G = {args.t_G:g} s per member (the 128², T = 1 solve measured on "
+          f"one core here); a parallel file system at {args.disk_gbs:g} GB/s")
 
 
 def main():

@@ -46,7 +46,8 @@ def run_case(J, rule, scale, guard, truths=(0, 1, 2)):
         x = sampler.enkg_sample(prior.denoise, evaluator(problem), x_T, problem.y, problem.Gamma, cfg, seed=100 + t)
         m = ensemble_metrics(x, problem.x_true)
         bayes = float(relative_l2(post.mean(problem.y)[None], problem.x_true)[0])
-        rows.append((m["rel_l2_mean"], bayes, m["rel_l2_particles"], m["spread"] / float(post.variance().mean().sqrt())))
+        rows.append((m["rel_l2_mean"], bayes, m["rel_l2_particles"],
+                     m["spread"] / float(post.variance().mean().sqrt())))
     return np.array(rows)
 
 
@@ -81,7 +82,8 @@ def main():
     r = one_shot_enkf()
     ratio = r[:, 0] / r[:, 1]
     print(f"| one-shot stochastic EnKF (no diffusion) | 256 | {r[:, 0].mean():.3f} | {r[:, 1].mean():.3f} | "
-          f"{ratio.mean():.2f} ({ratio.min():.2f}-{ratio.max():.2f}) | {r[:, 2].mean():.3f} | {r[:, 3].mean():.2f} | - |")
+          f"{ratio.mean():.2f} ({ratio.min():.2f}-{ratio.max():.2f}) | {r[:, 2].mean():.3f} | "
+          f"{r[:, 3].mean():.2f} | - |")
 
 
 if __name__ == "__main__":

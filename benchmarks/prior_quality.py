@@ -130,7 +130,8 @@ def samples(args) -> None:
     near_test = float(nearest_rel_l2(test_x, train_x).median())
     for name, x in xs.items():
         err = float(((spectrum(x)[shells] - e_test[shells]).abs() / e_test[shells]).mean())
-        near = "(is training data)" if name.startswith("training") else f"{float(nearest_rel_l2(x, train_x).median()):.3f}"
+        near = ("(is training data)" if name.startswith("training")
+                else f"{float(nearest_rel_l2(x, train_x).median()):.3f}")
         print(f"| {name} | {err:.3f} | {tv_distance(x, test_x):.3f} | {near} |")
     print(f"| held-out test fields | 0 | 0 | {near_test:.3f} |")
 

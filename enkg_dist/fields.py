@@ -102,7 +102,8 @@ class GaussianField:
 
     @classmethod
     def fit(cls, data: torch.Tensor, radial: bool = False, floor: float = 1e-12):
-        """Fit to samples (S, N, N) or (S, 1, N, N): empirical mean field and per-mode variance, or its radial average."""
+        """Fit to samples (S, N, N) or (S, 1, N, N): empirical mean field and per-mode variance, or its radial
+        average."""
         data = torch.as_tensor(data, dtype=torch.float64)
         data = data.reshape(-1, data.shape[-2], data.shape[-1])
         if data.shape[0] < 2 or data.shape[-1] != data.shape[-2]:

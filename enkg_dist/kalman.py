@@ -247,5 +247,6 @@ def resample_failed(x: torch.Tensor, ok: torch.Tensor, z: torch.Tensor) -> torch
     Xg = x[good].reshape(len(good), -1)
     mean = Xg.mean(0, keepdim=True)
     out = x.clone()
-    out[bad] = (mean + z.to(device=Xg.device, dtype=Xg.dtype) @ (Xg - mean) / (len(good) - 1) ** 0.5).reshape(len(bad), *x.shape[1:])
+    out[bad] = (mean + z.to(device=Xg.device, dtype=Xg.dtype) @ (Xg - mean)
+                / (len(good) - 1) ** 0.5).reshape(len(bad), *x.shape[1:])
     return out

@@ -1,6 +1,7 @@
 """The job keys of the Python plug-ins (`problem.kind: python`, `prior.kind: python`), of diffusers models
 (`prior.kind: diffusers`) and of the observation noise given as std, variances or a covariance file
-(`problem.noise`); part of the run configuration (`config`), which re-exports them. Validated like the rest of it: one-line errors naming the key."""
+(`problem.noise`); part of the run configuration (`config`), which re-exports them. Validated like the rest of it:
+one-line errors naming the key."""
 
 from __future__ import annotations
 

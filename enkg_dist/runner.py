@@ -613,6 +613,6 @@ def _run_eki(cfg, built, backend, evaluator, store, y, dtype, device, start, x, 
     t = float(np.nansum(store.read("weight")[:start, 0])) if start > 0 and k.dt == "auto" else 0.0
     with tqdm(total=k.iterations, initial=start, desc="EKI iterations", unit="it", disable=not progress) as bar:
         hooks = _StepHooks(store, evaluator, backend, bar, clock)
-        return sampler.eki(clock.wrap("forward", evaluator), x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic, tik,
-                           hooks.after_eki_iteration, start, built.localiser, (k.inflation, k.inflation_factor), t,
+        return sampler.eki(clock.wrap("forward", evaluator), x, y, pb.Gamma, k.iterations, k.dt, cfg.seed, k.stochastic,
+                           tik, hooks.after_eki_iteration, start, built.localiser, (k.inflation, k.inflation_factor), t,
                            before_step=hooks.before_step)

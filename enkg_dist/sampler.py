@@ -64,7 +64,8 @@ def pf_ode_heun(denoise: Denoiser, x: torch.Tensor, sigma: float, sigma_next: fl
 
 
 def x_hat_map(denoise: Denoiser, x: torch.Tensor, sigma: float, n_ode: int, sigma_min: float, rho: float):
-    """x_hat0 = phi(x_sigma): n_ode Euler PF-ODE steps on a Karras grid sigma -> sigma_min -> 0; n_ode=1 is D(x; sigma)."""
+    """x_hat0 = phi(x_sigma): n_ode Euler PF-ODE steps on a Karras grid sigma -> sigma_min -> 0; n_ode=1 is
+    D(x; sigma)."""
     grid = schedules.karras_sigmas(n_ode, float(sigma), sigma_min, rho) if n_ode > 1 else np.array([sigma, 0.0])
     for s, s_next in zip(grid[:-1], grid[1:]):
         x = pf_ode_euler(denoise, x, float(s), float(s_next))

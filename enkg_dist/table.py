@@ -56,7 +56,8 @@ def inspect_run(run_dir, width: int = 120, verify: bool = False) -> str:
     lines.append(wall)
     phases = s.get("phase_seconds") or {}
     if phases and s["step_seconds"] > 0:
-        lines.append("  of which " + ", ".join(f"{k} {v:.3g} s ({v / s['step_seconds']:.0%})" for k, v in phases.items()))
+        lines.append("  of which " + ", ".join(f"{k} {v:.3g} s ({v / s['step_seconds']:.0%})"
+                                               for k, v in phases.items()))
     m = s["metrics"] if s["committed_steps"] == s["num_steps"] else None
     if m:
         keys = ("rel_l2_mean", "rel_l2_particles", "ratio_to_bayes", "spread", "spread_ratio", "spread_skill",

@@ -182,7 +182,8 @@ def test_the_report_reads_the_run_directory_and_never_rebuilds_the_run(name):
     """report, its table and its figures: no runner, backends, problems, priors or simulators (issue 15)."""
     mods = imports(PKG / name)
     assert not any(m.startswith(("enkg_dist.runner", "enkg_dist.backends", "enkg_dist.problems",
-                                 "enkg_dist.priors", "enkg_dist.distributed", "enkg_dist.recording")) for m in mods), mods
+                                 "enkg_dist.priors", "enkg_dist.distributed", "enkg_dist.recording"))
+                   for m in mods), mods
 
 
 def test_the_store_knows_no_config_keys():

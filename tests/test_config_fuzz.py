@@ -52,7 +52,8 @@ JOBS = st.one_of(
     st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=6).map(lambda p: yaml.safe_dump(_nest(p))),
     st.text(string.printable, max_size=80),  # raw text: bad YAML, scalars, lists, comments only, empty
     st.sampled_from(["", "# only a comment\n", "{}\n", "- a\n", "[[[[[[[[\n", "enkg: {sigma_min: 100}\n",
-                     "enkg: {num_steps: 1000000000000}\n", "enkg: {ensemble_size: 10000000}\n", "a: !!python/name:os\n"]),
+                     "enkg: {num_steps: 1000000000000}\n", "enkg: {ensemble_size: 10000000}\n",
+                     "a: !!python/name:os\n"]),
 )
 SETS = st.lists(st.one_of(
     st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"{kv[0]}={yaml.safe_dump(kv[1]).strip()}"),

@@ -313,7 +313,8 @@ def _one_line(overrides, job="builtin:linear_gaussian_64"):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["enkg.localisation={kind: gaspari_cohn, radius: -2}"], "enkg.localisation.radius: Input should be greater than 0"),
+    (["enkg.localisation={kind: gaspari_cohn, radius: -2}"],
+     "enkg.localisation.radius: Input should be greater than 0"),
     (["enkg.localisation={kind: gaspari_cohn}"], "enkg.localisation: kind gaspari_cohn needs"),
     (["enkg.localisation.kind=taper"], "enkg.localisation.kind: Input should be 'none', 'gaspari_cohn'"),
     (["enkg.inflation=rtps", "enkg.inflation_factor=1.5"], "rtps relaxes by alpha in [0, 1]"),

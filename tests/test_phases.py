@@ -43,7 +43,8 @@ def test_a_run_records_where_each_step_went(tmp_path):
     fields = list(z.attrs["timing_fields"])
     t = np.asarray(z["timings"][:])
     assert t.shape == (4, 5) and np.isfinite(t).all() and (t >= 0).all()
-    total, parts = t[:, fields.index("total")], t[:, [fields.index(p) for p in ("denoise", "forward", "update", "store")]]
+    total, parts = (t[:, fields.index("total")],
+                    t[:, [fields.index(p) for p in ("denoise", "forward", "update", "store")]])
     np.testing.assert_allclose(parts.sum(1), total, rtol=1e-12)
     assert (t[1:, fields.index("forward")] > 0).all() and (t[:, fields.index("denoise")] > 0).all()
     s = report.summary(out)

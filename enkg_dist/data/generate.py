@@ -99,7 +99,8 @@ def generate_dataset(path, n: int = 64, splits: Mapping[str, int] | None = None,
         if name in root:
             arrays[name] = root[name]
         else:
-            arrays[name] = root.create_array(name, shape=(int(size), 1, n, n), chunks=(max(1, min(batch, size)), 1, n, n),
+            arrays[name] = root.create_array(name, shape=(int(size), 1, n, n),
+                                             chunks=(max(1, min(batch, size)), 1, n, n),
                                              dtype=np_dtype, dimension_names=DIMS, fill_value=np.nan,
                                              attributes={"done": 0, "redrawn": 0})
 

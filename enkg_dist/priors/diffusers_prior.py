@@ -10,7 +10,8 @@ the discrete timesteps t = 0 .. T-1. With sigma_t = sqrt((1 - abar_t) / abar_t),
 (Karras et al. 2022, Table 1, "VP"; appendix C.3), so for an EDM input x = x0 + sigma n at the level sigma:
 - the network sees x_vp = a x with a = 1 / sqrt(1 + sigma^2), at the timestep t(sigma) whose sigma_t is sigma;
 - epsilon-prediction (out ~ E[n | x]):      D = x - sigma out;
-- v-prediction (v = a n - sigma a x0):      D = a x_vp - sigma a out = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) out;
+- v-prediction (v = a n - sigma a x0):      D = a x_vp - sigma a out
+                                              = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) out;
 - sample-prediction (out ~ E[x0 | x]):      D = out.
 The same `alphas_cumprod` define sigma for Karras-style samplers of these models: the sampler's own sigma schedule
 replaces the scheduler's timesteps, only the training noise levels are read from the scheduler.

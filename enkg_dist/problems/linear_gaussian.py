@@ -36,7 +36,8 @@ class SubsampleBlur(ForwardModel):
     def blur_field(self, x: torch.Tensor) -> torch.Tensor:
         if self.blur == 0.0:
             return x
-        return torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * self.b.to(device=x.device, dtype=x.dtype), s=x.shape[-2:], norm="ortho")
+        return torch.fft.irfft2(torch.fft.rfft2(x, norm="ortho") * self.b.to(device=x.device, dtype=x.dtype),
+                                s=x.shape[-2:], norm="ortho")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """H x for fields (B, 1, N, N) -> (B, m)."""

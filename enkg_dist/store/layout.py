@@ -10,7 +10,8 @@ half-created: it never committed a step, and a run starts it afresh (`probe` say
 Root metadata. The root group's attributes (the config, the shape of the run, the commit marker) are needed by every
 reader. A copy lives in the group `recovery/` (written at creation, and before the root's marker at each commit, so
 it is never behind it; both follow the step's chunks, so either may be trusted). A root `zarr.json` that is missing
-or does not parse is rebuilt from that copy by a writable open (`probe` says "root-damaged"); the arrays' chunks, which hold every committed step, are untouched.
+or does not parse is rebuilt from that copy by a writable open (`probe` says "root-damaged"); the arrays' chunks,
+which hold every committed step, are untouched.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ import sys
 
 from enkg_dist.cli import app
 
-app(["run", "builtin:linear_gaussian_64", "--set", "problem.n=16", "--set", "enkg.ensemble_size={J}", "--set", "enkg.num_steps={STEPS}",
-     "--set", "execution.backend=ray", "--no-progress", "--run-dir", *sys.argv[1:]])
+app(["run", "builtin:linear_gaussian_64", "--set", "problem.n=16", "--set", "enkg.ensemble_size={J}",
+     "--set", "enkg.num_steps={STEPS}", "--set", "execution.backend=ray", "--no-progress", "--run-dir", *sys.argv[1:]])
 '''
 # scripts/setup.sh installs from PyPI; the test prepares ~/enkg-dist/.venv itself and only checks it
 INSTALLED_CHECK = '~/enkg-dist/.venv/bin/python -c "import enkg_dist, ray"'
@@ -99,7 +99,8 @@ def _processes(uid: int, names=None) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         s = _status(int(entry.name)) if entry.name.isdigit() else {}
-        if s and int(s["Uid"].split()[0]) == uid and s["State"][0] not in "ZX" and (names is None or s["Name"] in names):
+        if (s and int(s["Uid"].split()[0]) == uid and s["State"][0] not in "ZX"
+                and (names is None or s["Name"] in names)):
             found.append(int(entry.name))
     return found
 

@@ -43,9 +43,10 @@ cfg = cfgmod.load_config("builtin:linear_gaussian_64", overrides + ["execution.b
                                             "execution.worker_resources={sim: 1}"])
 ray_dir, metrics = runner.run(cfg, f"{out}/ray", progress=False, address=cluster.address)
 done = time.monotonic()
-same = torch.equal(torch.load(local_dir / "ensemble.pt")["particles"], torch.load(ray_dir / "ensemble.pt")["particles"])
+same = torch.equal(torch.load(local_dir / "ensemble.pt")["particles"],
+                   torch.load(ray_dir / "ensemble.pt")["particles"])
 print(json.dumps({"same": same, "removed_during_run": t0 < events.get("removed_at", 1e18) < done,
-                  "removed_after_step": events.get("removed_after_step"), "workers_replaced": metrics["workers_replaced"],
-                  "redispatched": metrics["redispatched"]}))
+                  "removed_after_step": events.get("removed_after_step"),
+                  "workers_replaced": metrics["workers_replaced"], "redispatched": metrics["redispatched"]}))
 ray.shutdown()
 cluster.shutdown()

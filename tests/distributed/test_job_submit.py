@@ -63,9 +63,9 @@ def head(tmp_path):
 def test_ray_job_submit_runs_a_job_with_token_auth(head, tmp_path):
     env, url, port = head
     out = tmp_path / "job"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--", str(BIN / "enkg-dist"), "run", "builtin:linear_gaussian_64",
-           "--set", "problem.n=16", "--set", "enkg.ensemble_size=8", "--set", "enkg.num_steps=10",
-           "--no-progress", "--address", "auto", "--run-dir", str(out)]
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--", str(BIN / "enkg-dist"),
+           "run", "builtin:linear_gaussian_64", "--set", "problem.n=16", "--set", "enkg.ensemble_size=8",
+           "--set", "enkg.num_steps=10", "--no-progress", "--address", "auto", "--run-dir", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "succeeded" in r.stdout + r.stderr

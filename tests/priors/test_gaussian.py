@@ -29,7 +29,8 @@ def test_denoiser_is_the_exact_posterior_mean(prior, sigma):
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     C = prior.dense_covariance()
     mu = prior.mean.reshape(-1)
-    dense = mu + (C @ torch.linalg.solve(C + sigma**2 * torch.eye(64, dtype=torch.float64), (x.reshape(3, -1) - mu).T)).T
+    dense = mu + (C @ torch.linalg.solve(C + sigma**2 * torch.eye(64, dtype=torch.float64),
+                                         (x.reshape(3, -1) - mu).T)).T
     assert torch.allclose(prior.denoise(x, sigma).reshape(3, -1), dense, atol=1e-11)
 
 
