@@ -14,7 +14,9 @@ compiled by TorchScript, which runs it without holding the GIL. On CPU the lanes
 threads (`lane_threads.py`), each computing with one intra-op thread: a member's bits depend on the members in its
 lane (chunk) only, never on the thread count; with chunk=1 they depend on nothing but the member. In per-member and
 fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step taken between
-steps, and share the step's Crank–Nicolson factors. On CPU a solve keeps freed memory in its process
+steps, and share the step's Crank–Nicolson factors. One-thread CPU solves from FUSED_FROM_N on run the same step
+with its elementwise passes in C loops (`fused.py`, built at first use where a C compiler is found; the same bits).
+On CPU a solve keeps freed memory in its process
 (`enkg_dist.heap`): a lane's temporaries exceed malloc's mmap threshold, and would otherwise come back as fresh pages.
 """
 
@@ -29,7 +31,7 @@ import torch
 
 from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes.equation import NavierStokes2D, k1_contiguous
-from enkg_dist.problems.navier_stokes import kernels
+from enkg_dist.problems.navier_stokes import fused, kernels
 from enkg_dist.problems.navier_stokes.kernels import scripted
 from enkg_dist.problems.navier_stokes.lane_threads import run_all, single_threaded_ops
 
@@ -37,6 +39,9 @@ MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
 LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
+# the fused lane step (fused.py) runs one-thread solves from this grid on: 8-20 % faster at 64^2 and 128^2, no
+# faster at 32^2; with lanes on two threads its Python glue queues for the GIL (slower than the scripted kernel)
+FUSED_FROM_N = 64
 
 
 @dataclass
@@ -301,6 +306,8 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
     # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
     lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
+    if threads == 1 and eq.n >= FUSED_FROM_N and fused.usable(eq.n, eq.dtype, omega0.device):
+        lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, the elementwise passes fused
     factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
 
     def start(k: int) -> None:

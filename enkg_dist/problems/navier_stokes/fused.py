@@ -1,0 +1,177 @@
+"""A lane's step with its elementwise passes fused into four C loops (`fused_source.py`), the FFTs torch's: the same
+IEEE operations in the same order as `kernels.lane_step`, so the same bits (tested), in fewer passes over memory.
+
+The C library is compiled at first use with the system's C compiler (`CC`, else `cc`; -O3 -march=native
+-ffp-contract=off) into a per-user cache, keyed by the source, the flags, the compiler and the CPU's flags, and
+loaded with ctypes (its calls release the GIL). Where there is no compiler, the build fails, ENKG_NS_FUSED=0, or the
+grid's spectrum size is not a multiple of 16 (torch's vector loops then end in scalar tails that may contract to FMA:
+other bits), the solver runs the scripted kernel instead. Pure: torch, ctypes and the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from enkg_dist.problems.navier_stokes import kernels
+from enkg_dist.problems.navier_stokes.fused_source import SOURCE
+
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_SIGNATURES = {  # argument types after the leading (B, M) longs; p: pointer, l: long, t: the field's real type
+    "predict": "pplplplppp", "correct": "lppltpplplpppp", "tendency": "ppltp", "product": "lppp",
+}
+_build_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """Whether the solver may use the fused step (ENKG_NS_FUSED, default on)."""
+    return os.environ.get("ENKG_NS_FUSED", "1") != "0"
+
+
+def usable(n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused step runs here for n x n fields of `dtype` (float32/64) on `device`, with the scripted
+    kernel's bits: on CPU, spectra of a multiple of 16 complex values (every even n with n/2 = 0 or 7 mod 8, so
+    every power of two from 16), and the library built."""
+    if not enabled() or device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    return n * (n // 2 + 1) % 16 == 0 and library() is not None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ENKG_KERNEL_CACHE, else $XDG_CACHE_HOME/enkg-dist/kernels (~/.cache)."""
+    root = os.environ.get("ENKG_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "enkg-dist" / "kernels"
+
+
+@functools.cache
+def library() -> Optional[ctypes.CDLL]:
+    """The fused kernels' library, built or found in the cache once per process; None (with a warning) where it
+    cannot be built."""
+    with _build_lock:
+        try:
+            return _declare(ctypes.CDLL(str(_build())))
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"the fused Navier-Stokes kernels could not be built ({type(e).__name__}: {first}); the "
+                          "solver runs its scripted kernel (same bits, slower)", RuntimeWarning, stacklevel=3)
+            return None
+
+
+def _build() -> Path:
+    """Compile SOURCE unless a library for this source, compiler and CPU is cached; the path of the library."""
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), version, platform.machine(), _cpu_flags()]).encode())
+    out = cache_dir() / f"ns_fused_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, lib = Path(tmp) / "ns_fused.c", Path(tmp) / "ns_fused.so"
+        src.write_text(SOURCE)
+        r = subprocess.run([cc, *FLAGS, str(src), "-o", str(lib), "-lm"], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()}")
+        os.replace(lib, out)  # atomic: concurrent builders (Ray workers on one node) leave one whole library
+    return out
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native builds for them: a cache shared across nodes keeps one per CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Argument types of the library's functions, for both real types."""
+    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        for name, sig in _SIGNATURES.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "t": real}
+            fn.argtypes = [ctypes.c_long, ctypes.c_long] + [types[c] for c in sig]
+            fn.restype = None
+    return lib
+
+
+def _spectra(B: int, K: int, n: int, cdtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised (B, K, n, n//2+1) spectra in the k1-contiguous layout."""
+    return torch.empty(B, K, n // 2 + 1, n, dtype=cdtype).transpose(-1, -2)
+
+
+def _k1(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t with k1 contiguous in each field (strides (..., 1, n)), copied only where it is not."""
+    return t if t.stride()[-2:] == (1, n) else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _batch_stride(t: torch.Tensor, n: int) -> int:
+    """Complex values between members of a (B, n, n//2+1) operand, 0 for one (n, n//2+1) field shared by all."""
+    return 0 if t.dim() == 2 else t.stride(0)
+
+
+def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.Tensor, tendency_mult: torch.Tensor,
+              look_mult: torch.Tensor, flux_mult: torch.Tensor, f_mode: float, kf: int, n: int):
+    """`kernels.lane_step`, fused: (w_{n+1}, N(w_{n+1}), max|u| per member or None, per member 0 if its field is
+    finite else NaN)."""
+    lib, B, M, cdtype = library(), w_hat.shape[0], n * (n // 2 + 1), w_hat.dtype
+    s = "f32" if cdtype == torch.complex64 else "f64"
+    w_hat, n1, e, g = _k1(w_hat, n), _k1(n1, n), _k1(e, n), _k1(g, n)
+    if w_hat.stride(0) != M:
+        w_hat = w_hat.transpose(-1, -2).contiguous().transpose(-1, -2)
+    fidx = kf * n if f_mode != 0.0 else -1  # the forcing's mode (k1 = 0, k2 = kf) in the k1-contiguous layout
+    ew, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 3, n, cdtype)
+    getattr(lib, f"predict_{s}")(B, M, w_hat.data_ptr(), e.data_ptr(), _batch_stride(e, n), g.data_ptr(),
+                                 _batch_stride(g, n), n1.data_ptr(), n1.stride(0), tendency_mult.data_ptr(),
+                                 ew.data_ptr(), spec.data_ptr())
+    fh = _flux_spectra(lib, s, spec, n, None)
+    K = look_mult.shape[0]
+    w, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, K, n, cdtype)
+    bad = torch.empty(B, dtype=w.real.dtype)
+    getattr(lib, f"correct_{s}")(B, M, K, fh.data_ptr(), flux_mult.data_ptr(), fidx, f_mode, ew.data_ptr(),
+                                 g.data_ptr(), _batch_stride(g, n), n1.data_ptr(), n1.stride(0), look_mult.data_ptr(),
+                                 w.data_ptr(), spec.data_ptr(), bad.data_ptr())
+    s2 = torch.empty(B, dtype=bad.dtype) if K == 5 else None
+    fh = _flux_spectra(lib, s, spec, n, s2)
+    n1_next = _spectra(B, 1, n, cdtype)[:, 0]
+    getattr(lib, f"tendency_{s}")(B, M, fh.data_ptr(), flux_mult.data_ptr(), fidx, f_mode, n1_next.data_ptr())
+    return w, n1_next, (s2.sqrt() if s2 is not None else None), bad
+
+
+def _flux_spectra(lib, s: str, spec: torch.Tensor, n: int, s2: Optional[torch.Tensor]) -> torch.Tensor:
+    """The spectra of (u w, v w) from the stacked spectra of (w, u, v[, U, V]), and max(U^2 + V^2) into s2."""
+    B, K = spec.shape[:2]
+    fields = _irfft2_k1()(spec, n, False)
+    flux = torch.empty(B, 2, n, n, dtype=fields.dtype)
+    getattr(lib, f"product_{s}")(B, n * n, K, fields.data_ptr(), flux.data_ptr(),
+                                 s2.data_ptr() if s2 is not None else None)
+    return _rfft2_k1()(flux)
+
+
+@functools.cache
+def _irfft2_k1():
+    return kernels.scripted(kernels.irfft2_k1)
+
+
+@functools.cache
+def _rfft2_k1():
+    return kernels.scripted(kernels.rfft2_k1)

@@ -1,0 +1,106 @@
+"""The fused lane step (problems/navier_stokes/fused.py): the scripted kernel's bits, its non-finite flags, the build
+cache and the fallback where no library can be built."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from enkg_dist.problems.navier_stokes import NavierStokes2D, grf_vorticity, solve
+from enkg_dist.problems.navier_stokes import fused, kernels
+from enkg_dist.problems.navier_stokes.equation import k1_contiguous
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if fused.library() is None:
+        pytest.skip("no C compiler here: the solver runs the scripted kernel (test_no_compiler_falls_back)")
+    return fused.library()
+
+
+def _lane(n, dtype, dealias, adaptive, B=3):
+    eq = NavierStokes2D(n, dealias=dealias, dtype=dtype)
+    consts = eq.kernel_constants(adaptive)
+    w_hat = kernels.rfft2_k1(torch.cat([grf_vorticity(n, s) for s in range(B)]).to(dtype) * 3)
+    n1 = kernels.look(w_hat, consts[1], *consts[2:])[0]  # a strided view, as the lane's first look leaves it
+    return eq, consts, w_hat, n1
+
+
+@pytest.mark.parametrize("n, dtype", [(16, torch.float64), (32, torch.float32), (64, torch.float64),
+                                      (128, torch.float32)])
+@pytest.mark.parametrize("dealias", ["disc", "two_thirds"])
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("per_member", [False, True])
+def test_the_fused_step_has_the_scripted_kernels_bits(lib, n, dtype, dealias, adaptive, per_member):
+    eq, consts, w_hat, n1 = _lane(n, dtype, dealias, adaptive)
+    dts = torch.tensor([2e-3, 3e-3, 1e-3], dtype=dtype)[:, None, None] if per_member else None
+    e, g = kernels.cn_factors(eq.half_viscous_c, 2e-3, dts)
+    want = kernels.scripted(kernels.lane_step)(w_hat, n1.clone(), e, g, *consts)
+    got = fused.lane_step(w_hat, n1, e, g, *consts)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[2] is None) == (want[2] is None) == (not adaptive)
+    assert got[2] is None or torch.equal(got[2], want[2])
+    assert got[3].tolist() == [0.0] * 3  # every member finite
+    # two steps on: the fused step's own outputs (n1 contiguous now) as its next inputs
+    a, b = got[:2], want[:2]
+    for _ in range(2):
+        a = fused.lane_step(a[0], a[1], e, g, *consts)[:2]
+        b = kernels.scripted(kernels.lane_step)(b[0], b[1].clone(), e, g, *consts)[:2]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_member_that_is_not_finite_is_flagged_alone(lib):
+    eq, consts, w_hat, n1 = _lane(32, torch.float32, "disc", True)
+    w_hat = k1_contiguous(w_hat.clone())
+    w_hat[1, 3, 2] = complex(float("inf"), 0.0)
+    e, g = kernels.cn_factors(eq.half_viscous_c, 1e-3, None)
+    w, _, speed, flags = fused.lane_step(w_hat, n1, e, g, *consts)
+    assert flags[0] == 0 and flags[2] == 0 and math.isnan(flags[1])
+    assert math.isfinite(speed[0]) and math.isfinite(speed[2]) and not math.isfinite(speed[1])
+    assert not torch.isfinite(torch.view_as_real(w[1])).all()
+
+
+@pytest.mark.parametrize("mode", ["paper", "per_member", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_thread_solves_give_the_same_bits_fused_or_not(lib, monkeypatch, mode, dtype):
+    omega0 = torch.cat([grf_vorticity(64, s) for s in range(5)]).to(dtype)
+    kw = dict(mode=mode, dt=2e-3 if mode == "fixed" else None, chunk=2, threads=1)
+    fused_run = solve(omega0, 0.05, **kw)
+    monkeypatch.setenv("ENKG_NS_FUSED", "0")
+    scripted_run = solve(omega0, 0.05, **kw)
+    assert torch.equal(fused_run.omega, scripted_run.omega) and torch.equal(fused_run.steps, scripted_run.steps)
+    assert bool(fused_run.ok.all())
+
+
+def test_only_even_spectra_of_16_values_and_cpu_float_fields_take_it(lib, monkeypatch):
+    cpu = torch.device("cpu")
+    assert fused.usable(64, torch.float32, cpu) and fused.usable(128, torch.float64, cpu)
+    assert not fused.usable(20, torch.float32, cpu)  # 20 x 11 = 220 complex values: torch's loops end in a tail
+    assert not fused.usable(64, torch.float16, cpu) and not fused.usable(64, torch.float32, torch.device("meta"))
+    monkeypatch.setenv("ENKG_NS_FUSED", "0")
+    assert not fused.usable(64, torch.float32, cpu)
+
+
+def test_the_library_is_built_once_per_cpu_and_compiler_and_reused(lib, monkeypatch, tmp_path):
+    monkeypatch.setenv("ENKG_KERNEL_CACHE", str(tmp_path))
+    first = fused._build()
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == tmp_path and fused._build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+def test_no_compiler_falls_back_to_the_scripted_kernel_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("ENKG_KERNEL_CACHE", str(tmp_path / "cache"))
+    fused.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert fused.library() is None
+            assert not fused.usable(64, torch.float32, torch.device("cpu"))
+        assert any("scripted kernel" in str(w.message) for w in caught)
+        omega0 = torch.cat([grf_vorticity(64, s) for s in range(2)])
+        assert bool(solve(omega0, 0.01, threads=1).ok.all())  # the solver runs on
+    finally:
+        fused.library.cache_clear()
