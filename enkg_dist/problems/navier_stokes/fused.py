@@ -1,4 +1,4 @@
-"""A lane's step with its elementwise passes fused into four C loops (`fused_source.py`), the FFTs torch's: the same
+"""A lane's step with its elementwise passes fused into four C calls (`fused_source.py`), the FFTs torch's: the same
 IEEE operations in the same order as `kernels.lane_step`, so the same bits (tested), in fewer passes over memory.
 
 The C library is compiled at first use with the system's C compiler (`CC`, else `cc`; -O3 -march=native
@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from enkg_dist.problems.navier_stokes import kernels
+from enkg_dist.problems.navier_stokes.equation import k1_contiguous
 from enkg_dist.problems.navier_stokes.fused_source import SOURCE
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -119,36 +120,26 @@ def _spectra(B: int, K: int, n: int, cdtype: torch.dtype) -> torch.Tensor:
     return torch.empty(B, K, n // 2 + 1, n, dtype=cdtype).transpose(-1, -2)
 
 
-def _k1(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t with k1 contiguous in each field (strides (..., 1, n)), copied only where it is not."""
-    return t if t.stride()[-2:] == (1, n) else t.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def _batch_stride(t: torch.Tensor, n: int) -> int:
-    """Complex values between members of a (B, n, n//2+1) operand, 0 for one (n, n//2+1) field shared by all."""
-    return 0 if t.dim() == 2 else t.stride(0)
-
-
 def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.Tensor, tendency_mult: torch.Tensor,
               look_mult: torch.Tensor, flux_mult: torch.Tensor, f_mode: float, kf: int, n: int):
     """`kernels.lane_step`, fused: (w_{n+1}, N(w_{n+1}), max|u| per member or None, per member 0 if its field is
     finite else NaN)."""
     lib, B, M, cdtype = library(), w_hat.shape[0], n * (n // 2 + 1), w_hat.dtype
     s = "f32" if cdtype == torch.complex64 else "f64"
-    w_hat, n1, e, g = _k1(w_hat, n), _k1(n1, n), _k1(e, n), _k1(g, n)
-    if w_hat.stride(0) != M:
-        w_hat = w_hat.transpose(-1, -2).contiguous().transpose(-1, -2)
+    w_hat, e, g = k1_contiguous(w_hat), k1_contiguous(e), k1_contiguous(g)  # copies only where they are not
+    if n1.stride()[-2:] != (1, n):  # n1 may be strided between members (the look's), not within a field
+        n1 = k1_contiguous(n1)
+    es = 0 if e.dim() == 2 else M  # one field for all members, or one each
     fidx = kf * n if f_mode != 0.0 else -1  # the forcing's mode (k1 = 0, k2 = kf) in the k1-contiguous layout
     ew, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 3, n, cdtype)
-    getattr(lib, f"predict_{s}")(B, M, w_hat.data_ptr(), e.data_ptr(), _batch_stride(e, n), g.data_ptr(),
-                                 _batch_stride(g, n), n1.data_ptr(), n1.stride(0), tendency_mult.data_ptr(),
-                                 ew.data_ptr(), spec.data_ptr())
+    getattr(lib, f"predict_{s}")(B, M, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(), es, n1.data_ptr(),
+                                 n1.stride(0), tendency_mult.data_ptr(), ew.data_ptr(), spec.data_ptr())
     fh = _flux_spectra(lib, s, spec, n, None)
     K = look_mult.shape[0]
     w, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, K, n, cdtype)
     bad = torch.empty(B, dtype=w.real.dtype)
     getattr(lib, f"correct_{s}")(B, M, K, fh.data_ptr(), flux_mult.data_ptr(), fidx, f_mode, ew.data_ptr(),
-                                 g.data_ptr(), _batch_stride(g, n), n1.data_ptr(), n1.stride(0), look_mult.data_ptr(),
+                                 g.data_ptr(), es, n1.data_ptr(), n1.stride(0), look_mult.data_ptr(),
                                  w.data_ptr(), spec.data_ptr(), bad.data_ptr())
     s2 = torch.empty(B, dtype=bad.dtype) if K == 5 else None
     fh = _flux_spectra(lib, s, spec, n, s2)
@@ -160,18 +151,9 @@ def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.T
 def _flux_spectra(lib, s: str, spec: torch.Tensor, n: int, s2: Optional[torch.Tensor]) -> torch.Tensor:
     """The spectra of (u w, v w) from the stacked spectra of (w, u, v[, U, V]), and max(U^2 + V^2) into s2."""
     B, K = spec.shape[:2]
-    fields = _irfft2_k1()(spec, n, False)
+    fields = kernels.scripted(kernels.irfft2_k1)(spec, n, False)
     flux = torch.empty(B, 2, n, n, dtype=fields.dtype)
     getattr(lib, f"product_{s}")(B, n * n, K, fields.data_ptr(), flux.data_ptr(),
                                  s2.data_ptr() if s2 is not None else None)
-    return _rfft2_k1()(flux)
+    return kernels.scripted(kernels.rfft2_k1)(flux)
 
-
-@functools.cache
-def _irfft2_k1():
-    return kernels.scripted(kernels.irfft2_k1)
-
-
-@functools.cache
-def _rfft2_k1():
-    return kernels.scripted(kernels.rfft2_k1)
