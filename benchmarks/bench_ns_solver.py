@@ -126,8 +126,9 @@ def fft_floor(eq: NavierStokes2D, w0: torch.Tensor, steps: int) -> int:
         fields = eq.ifft(w_hat.unsqueeze(-3) * tendency_mult)  # the lane's inputs, in the kernel's layouts
         lanes.append((w_hat.unsqueeze(-3) * tendency_mult, w_hat.unsqueeze(-3) * look_mult,
                       fields[:, 1:3] * fields[:, 0:1]))
+    threads = torch.get_num_threads()  # the caller's: single_threaded_ops sets this thread's count to 1
     with single_threaded_ops():
-        run_all([lambda a=a: kernel(*a, n, steps) for a in lanes], torch.get_num_threads())
+        run_all([lambda a=a: kernel(*a, n, steps) for a in lanes], threads)
     return steps * w0.shape[0]
 
 
