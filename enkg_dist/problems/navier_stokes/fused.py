@@ -1,5 +1,6 @@
-"""A lane's step with its elementwise passes fused into four C calls (`fused_source.py`), the FFTs torch's: the same
-IEEE operations in the same order as `kernels.lane_step`, so the same bits (tested), in fewer passes over memory.
+"""A lane's step with its elementwise passes fused into four C calls (`fused_source.py`), the FFTs torch's (their
+transposing copies in C): the same IEEE operations in the same order as `kernels.lane_step`, so the same bits
+(tested), in fewer passes over memory.
 
 The C library is compiled at first use with the system's C compiler (`CC`, else `cc`; -O3 -march=native
 -ffp-contract=off) into a per-user cache, keyed by the source, the flags, the compiler and the CPU's flags, and
@@ -25,13 +26,12 @@ from typing import Optional
 
 import torch
 
-from enkg_dist.problems.navier_stokes import kernels
 from enkg_dist.problems.navier_stokes.equation import k1_contiguous
 from enkg_dist.problems.navier_stokes.fused_source import SOURCE
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _SIGNATURES = {  # argument types after the leading (B, M) longs; p: pointer, l: long, t: the field's real type
-    "predict": "pplplplppp", "correct": "lppltpplplpppp", "tendency": "ppltp", "product": "lppp",
+    "predict": "pplplplppp", "correct": "lppltpplplpppp", "tendency": "ppltp", "product": "lppp", "transpose": "lplp",
 }
 _build_lock = threading.Lock()
 
@@ -151,9 +151,26 @@ def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.T
 def _flux_spectra(lib, s: str, spec: torch.Tensor, n: int, s2: Optional[torch.Tensor]) -> torch.Tensor:
     """The spectra of (u w, v w) from the stacked spectra of (w, u, v[, U, V]), and max(U^2 + V^2) into s2."""
     B, K = spec.shape[:2]
-    fields = kernels.scripted(kernels.irfft2_k1)(spec, n, False)
+    fields = _irfft2_k1(lib, s, spec, n)  # held here: a pointer to a temporary would outlive its tensor
     flux = torch.empty(B, 2, n, n, dtype=fields.dtype)
     getattr(lib, f"product_{s}")(B, n * n, K, fields.data_ptr(), flux.data_ptr(),
                                  s2.data_ptr() if s2 is not None else None)
-    return kernels.scripted(kernels.rfft2_k1)(flux)
+    return _rfft2_k1(lib, s, flux)
 
+
+def _irfft2_k1(lib, s: str, spec: torch.Tensor, n: int) -> torch.Tensor:
+    """`kernels.irfft2_k1(spec, n, False)` (the same transforms, so the same bits) with the transposing copy in C."""
+    B, K, m = spec.shape[0], spec.shape[1], n // 2 + 1
+    z = torch.fft.ifft(spec.transpose(-1, -2), dim=-1, norm="forward")  # (B, K, m, n): k2 rows, x contiguous
+    t = torch.empty(B, K, n, m, dtype=z.dtype)
+    getattr(lib, f"transpose_{s}")(B * K, m, n, z.data_ptr(), n, t.data_ptr())
+    return torch.fft.irfft(t, n=n, dim=-1, norm="forward")
+
+
+def _rfft2_k1(lib, s: str, fields: torch.Tensor) -> torch.Tensor:
+    """`kernels.rfft2_k1(fields)` (the same transforms, so the same bits) with the transposing copy in C."""
+    B, K, n = fields.shape[0], fields.shape[1], fields.shape[-1]
+    a = torch.fft.rfft(fields, dim=-1)  # (B, K, n, m): x rows, k2 contiguous
+    t = torch.empty(B, K, n // 2 + 1, n, dtype=a.dtype)
+    getattr(lib, f"transpose_{s}")(B * K, n, n // 2 + 1, a.data_ptr(), n // 2 + 1, t.data_ptr())
+    return torch.fft.fft(t, dim=-1).transpose(-1, -2)

@@ -1,5 +1,6 @@
 """C source of the fused lane kernels (`fused.py`): a lane step's elementwise passes in four loops, the same IEEE
-operations in the same order as `kernels.lane_step`'s torch ops (no FMA contraction: -ffp-contract=off).
+operations in the same order as `kernels.lane_step`'s torch ops (no FMA contraction: -ffp-contract=off), and the
+transposing copies between its transforms' stages.
 
 Complex numbers are interleaved (re, im); M complex values per field, every spectrum in the solver's k1-contiguous
 layout; a stack of K fields is K consecutive fields. Batch strides (in complex values) are given where an operand may
@@ -120,8 +121,26 @@ void product_##S(long B, long P, long K, const T *f, T *flux, T *s2) {          
   }                                                                                                                   \
 }
 
-#define ALL(T, S, TMAX, FMAX) PREDICT(T, S) CORRECT(T, S, 3) CORRECT(T, S, 5) FINITE(T, S, TMAX)                      \
-  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX)
-ALL(float, f32, FLT_MAX, fmaxf)
-ALL(double, f64, DBL_MAX, fmax)
+/* dst[b][c][r] = src[b][r][c] for B matrices of rows x cols complex values (E: one complex as an integer type of its
+   size), src rows ss values apart: the transposing copy between a 2D transform's two stages, in TILE x TILE blocks
+   (torch's copy reads or writes one of them along 1 KiB strides at n = 128: cache-set conflicts) */
+typedef struct { uint64_t re, im; } E_f64;
+typedef uint64_t E_f32;
+#define TRANSPOSE(S, TILE)                                                                                            \
+void transpose_##S(long B, long rows, long cols, const E_##S *src, long ss, E_##S *dst) {                             \
+  for (long b = 0; b < B; b++) {                                                                                      \
+    const E_##S *R s = src + b*rows*ss; E_##S *R d = dst + b*rows*cols;                                               \
+    for (long r0 = 0; r0 < rows; r0 += TILE)                                                                          \
+      for (long c0 = 0; c0 < cols; c0 += TILE) {                                                                      \
+        long r1 = r0 + TILE < rows ? r0 + TILE : rows, c1 = c0 + TILE < cols ? c0 + TILE : cols;                      \
+        for (long c = c0; c < c1; c++)                                                                                \
+          for (long r = r0; r < r1; r++) d[c*rows + r] = s[r*ss + c];                                                 \
+      }                                                                                                               \
+  }                                                                                                                   \
+}
+
+#define ALL(T, S, TMAX, FMAX, TILE) PREDICT(T, S) CORRECT(T, S, 3) CORRECT(T, S, 5) FINITE(T, S, TMAX)                \
+  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE)
+ALL(float, f32, FLT_MAX, fmaxf, 32)
+ALL(double, f64, DBL_MAX, fmax, 16)
 """
