@@ -14,8 +14,9 @@ Compared, at each torch thread count, on the same initial fields (GRF draws as t
   member c1    the same with chunk=1 (NavierStokesForward's member_chunk 1; its default "auto" runs the
                per_member lanes where its start-up check finds them bit-identical to chunk=1, as printed)
   fft floor    the transforms of paper mode's steps and nothing else (3 + 5 inverse, 2 + 2 forward per member-step,
-               the same lanes, threads and layouts, scripted), on fixed inputs: what paper mode would cost if every
-               other pass were free. The reference's time over it bounds what paper mode can reach with these FFTs.
+               the same lanes, threads and layouts: in C a member at a time where the solver's whole step is, else
+               scripted), on fixed inputs: what paper mode would cost if every other pass were free. The
+               reference's time over it bounds what paper mode can reach with these FFTs.
 The configurations run in turn, `--rounds` times over, so that a busy machine slows all of them alike; each figure
 is the fastest round. "rate" is member-steps per second against the reference's; "overall" is wall time against the
 reference's. The load average is printed before and after.
@@ -40,7 +41,7 @@ import time
 import torch
 
 from enkg_dist.heap import retain_freed_memory
-from enkg_dist.problems.navier_stokes import NavierStokes2D, grf_vorticity, solve
+from enkg_dist.problems.navier_stokes import NavierStokes2D, fused, grf_vorticity, solve
 from enkg_dist.problems.navier_stokes.kernels import irfft2_k1, rfft2_k1, scripted
 from enkg_dist.problems.navier_stokes.lane_threads import run_all, single_threaded_ops
 from enkg_dist.problems.navier_stokes.solver import default_chunk, resolve_chunk
@@ -115,9 +116,16 @@ def transforms(spec3: torch.Tensor, spec5: torch.Tensor, flux: torch.Tensor, n: 
 
 
 def fft_floor(eq: NavierStokes2D, w0: torch.Tensor, steps: int) -> int:
-    """Only the transforms of our paper-mode steps (`kernels.lane_step`), `steps` per member, in the solver's lanes
-    and threads, scripted like its kernels. Returns the member-steps done."""
+    """Only the transforms of our paper-mode steps, `steps` per member, in the solver's lanes and threads, as the
+    solver runs them: in C where its whole step is (`fused.mkl_bound`), else scripted like its kernels. Returns the
+    member-steps done."""
     n, chunk = eq.n, default_chunk(eq.n, w0.dtype)
+    threads = torch.get_num_threads()  # the caller's: single_threaded_ops sets this thread's count to 1
+    if fused.usable(n, w0.dtype, w0.device) and fused.mkl_bound():
+        sizes = [min(chunk, w0.shape[0] - i) for i in range(0, w0.shape[0], chunk)]
+        with single_threaded_ops():
+            run_all([lambda b=b: fused.transforms(n, w0.dtype, b, 5, steps) for b in sizes], threads)
+        return steps * w0.shape[0]
     tendency_mult, look_mult = eq.kernel_constants(adaptive=True)[:2]
     kernel = scripted(transforms)
     lanes = []
@@ -126,7 +134,6 @@ def fft_floor(eq: NavierStokes2D, w0: torch.Tensor, steps: int) -> int:
         fields = eq.ifft(w_hat.unsqueeze(-3) * tendency_mult)  # the lane's inputs, in the kernel's layouts
         lanes.append((w_hat.unsqueeze(-3) * tendency_mult, w_hat.unsqueeze(-3) * look_mult,
                       fields[:, 1:3] * fields[:, 0:1]))
-    threads = torch.get_num_threads()  # the caller's: single_threaded_ops sets this thread's count to 1
     with single_threaded_ops():
         run_all([lambda a=a: kernel(*a, n, steps) for a in lanes], threads)
     return steps * w0.shape[0]

@@ -61,16 +61,47 @@ def test_a_member_that_is_not_finite_is_flagged_alone(lib):
     assert not torch.isfinite(torch.view_as_real(w[1])).all()
 
 
+@pytest.fixture
+def without_mkl(monkeypatch):
+    """Call it to run the fused step with torch's transforms between its C passes (mkl_bound() False)."""
+    def off():
+        monkeypatch.setenv("ENKG_NS_FUSED_MKL", "0")
+        fused.mkl_bound.cache_clear()
+    yield off
+    fused.mkl_bound.cache_clear()
+
+
 @pytest.mark.parametrize("mode", ["paper", "per_member", "fixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_one_thread_solves_give_the_same_bits_fused_or_not(lib, monkeypatch, mode, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_solves_give_the_same_bits_fused_or_not(lib, monkeypatch, without_mkl, mode, dtype, threads):
     omega0 = torch.cat([grf_vorticity(64, s) for s in range(5)]).to(dtype)
-    kw = dict(mode=mode, dt=2e-3 if mode == "fixed" else None, chunk=2, threads=1)
-    fused_run = solve(omega0, 0.05, **kw)
+    kw = dict(mode=mode, dt=2e-3 if mode == "fixed" else None, chunk=2, threads=threads)
+    runs = [solve(omega0, 0.05, **kw)]  # the whole step in C where MKL is bound
+    without_mkl()
+    runs.append(solve(omega0, 0.05, **kw))  # torch's transforms between the C passes (one thread; else scripted)
     monkeypatch.setenv("ENKG_NS_FUSED", "0")
-    scripted_run = solve(omega0, 0.05, **kw)
-    assert torch.equal(fused_run.omega, scripted_run.omega) and torch.equal(fused_run.steps, scripted_run.steps)
-    assert bool(fused_run.ok.all())
+    runs.append(solve(omega0, 0.05, **kw))  # the scripted kernel
+    for run in runs[1:]:
+        assert torch.equal(runs[0].omega, run.omega) and torch.equal(runs[0].steps, run.steps)
+    assert bool(runs[0].ok.all())
+
+
+def test_the_whole_step_in_c_binds_torchs_mkl_here(lib):
+    # x86 builds of torch carry MKL: where this fails, the solver runs the slower split step (same bits)
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    assert fused.mkl_bound()
+
+
+def test_the_whole_step_gives_each_member_the_bits_it_gets_alone(lib):
+    eq, consts, w_hat, n1 = _lane(64, torch.float32, "disc", True, B=4)
+    dts = torch.tensor([2e-3, 3e-3, 1e-3, 2.5e-3])[:, None, None]
+    e, g = kernels.cn_factors(eq.half_viscous_c, 0.0, dts)
+    lane = fused.lane_step(w_hat, n1, e, g, *consts)
+    for b in (0, 3):
+        alone = fused.lane_step(w_hat[b : b + 1], n1[b : b + 1], e[b : b + 1], g[b : b + 1], *consts)
+        assert all(torch.equal(x[b], y[0]) for x, y in zip(lane, alone))
 
 
 def test_only_even_spectra_of_16_values_and_cpu_float_fields_take_it(lib, monkeypatch):
@@ -118,3 +149,11 @@ def test_the_transforms_with_c_transposes_have_the_kernels_bits(lib, n, dtype):
         fields = torch.randn(B, K, n, n, generator=g, dtype=dtype)
         got, want = fused._rfft2_k1(lib, s, fields), kernels.rfft2_k1(fields)
         assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_transforms_floor_runs_the_steps_transforms(lib, dtype):
+    if not fused.mkl_bound():
+        pytest.skip("no MKL bound: the benchmark's floor runs torch's transforms")
+    fused.transforms(32, dtype, 3, 5, 2)  # the benchmark's "fft floor": plans, scratch, 2 steps of 3 members
+    fused.transforms(32, dtype, 1, 3, 1)

@@ -28,6 +28,7 @@ def batch(n, dtype, B=4):
 def test_scripted_solve_equals_eager_bit_for_bit(monkeypatch, n, dtype, mode):
     w0 = batch(n, dtype)
     kw = dict(mode=mode, dt=2e-3 if mode == "fixed" else None, chunk=2, threads=2)
+    monkeypatch.setenv("ENKG_NS_FUSED", "0")  # the kernels themselves, not the fused step (test_ns_fused.py)
     monkeypatch.setenv("ENKG_NS_SCRIPT", "1")
     fast = solve(w0, 0.1, **kw)
     monkeypatch.setenv("ENKG_NS_SCRIPT", "0")

@@ -1,6 +1,10 @@
-"""A lane's step with its elementwise passes fused into four C calls (`fused_source.py`), the FFTs torch's (their
-transposing copies in C): the same IEEE operations in the same order as `kernels.lane_step`, so the same bits
-(tested), in fewer passes over memory.
+"""A lane's step in C (`fused_source.py`): the same IEEE operations in the same order as `kernels.lane_step`, so
+the same bits (tested), in fewer passes over memory.
+
+Where the library binds MKL's DFTI from torch's CPU library (`mkl_bound`), the whole step is one C call (`step`): a
+member at a time, its transforms planned as torch plans them (so torch's bits), the elementwise passes fused into
+four loops, the transposing copies between each transform's stages in C, in one member's scratch (in cache), with
+the GIL released throughout. Otherwise the transforms are torch calls between four C calls.
 
 The C library is compiled at first use with the system's C compiler (`CC`, else `cc`; -O3 -march=native
 -ffp-contract=off) into a per-user cache, keyed by the source, the flags, the compiler and the CPU's flags, and
@@ -106,13 +110,66 @@ def _cpu_flags() -> str:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the library's functions, for both real types."""
+    types = {"p": ctypes.c_void_p, "l": ctypes.c_long}
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         for name, sig in _SIGNATURES.items():
             fn = getattr(lib, f"{name}_{suffix}")
-            types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "t": real}
-            fn.argtypes = [ctypes.c_long, ctypes.c_long] + [types[c] for c in sig]
+            fn.argtypes = [ctypes.c_long, ctypes.c_long] + [{**types, "t": real}[c] for c in sig]
             fn.restype = None
+        step = getattr(lib, f"step_{suffix}")
+        step.argtypes = [{**types, "t": real}[c] for c in "pllpplpplpppltpppp"]
+        step.restype = ctypes.c_int
+        floor = getattr(lib, f"transforms_{suffix}")
+        floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
+        getattr(lib, f"plans_{suffix}").argtypes = [ctypes.c_long]
+        getattr(lib, f"plans_{suffix}").restype = ctypes.c_void_p
+    lib.mkl_bind.argtypes = [ctypes.c_void_p] * 6
+    lib.mkl_bind.restype = None
     return lib
+
+
+_MKL = ("DftiCreateDescriptor_s_1d", "DftiCreateDescriptor_d_1d", "DftiSetValue", "DftiCommitDescriptor",
+        "DftiComputeForward", "DftiComputeBackward")
+
+
+@functools.cache
+def mkl_bound() -> bool:
+    """Whether the library could bind MKL's DFTI from torch's CPU library (x86 builds of torch export it): the whole
+    lane step then runs in one C call (`step`); else its transforms are torch calls between the C passes."""
+    lib = library()
+    if lib is None or os.environ.get("ENKG_NS_FUSED_MKL", "1") == "0":
+        return False
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        lib.mkl_bind(*(ctypes.cast(getattr(torch_cpu, name), ctypes.c_void_p).value for name in _MKL))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+_plans: dict = {}  # (thread, n, real type) -> the C library's transform plans, one set per lane thread
+_plans_lock = threading.Lock()
+
+
+def _member_plans(lib, s: str, n: int) -> int:
+    """The MKL plans of one member's transforms at n x n for this thread (made once per thread, kept)."""
+    key = (threading.get_ident(), n, s)
+    p = _plans.get(key)
+    if p is None:
+        with _plans_lock:
+            p = getattr(lib, f"plans_{s}")(n)
+            if not p:
+                raise RuntimeError(f"MKL could not plan the {n}^2 transforms")
+            _plans[key] = p
+    return p
+
+
+def transforms(n: int, dtype: torch.dtype, B: int, K: int, steps: int) -> None:
+    """Only the transforms (with their transposing copies) of `steps` whole-C steps (`mkl_bound`) of B members with
+    K-field looks, in this thread: the floor the FFTs set under `lane_step` (benchmarks/bench_ns_solver.py)."""
+    lib, s = library(), "f32" if dtype == torch.float32 else "f64"
+    if getattr(lib, f"transforms_{s}")(_member_plans(lib, s, n), B, K, steps):
+        raise MemoryError("the transforms could not allocate their scratch")
 
 
 def _spectra(B: int, K: int, n: int, cdtype: torch.dtype) -> torch.Tensor:
@@ -131,11 +188,20 @@ def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.T
         n1 = k1_contiguous(n1)
     es = 0 if e.dim() == 2 else M  # one field for all members, or one each
     fidx = kf * n if f_mode != 0.0 else -1  # the forcing's mode (k1 = 0, k2 = kf) in the k1-contiguous layout
+    K = look_mult.shape[0]
+    if mkl_bound():
+        w, n1_next = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 1, n, cdtype)[:, 0]
+        bad, s2 = torch.empty(B, dtype=w.real.dtype), torch.empty(B, dtype=w.real.dtype)
+        if getattr(lib, f"step_{s}")(_member_plans(lib, s, n), B, K, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(),
+                                     n1.data_ptr(), n1.stride(0), tendency_mult.data_ptr(), look_mult.data_ptr(),
+                                     flux_mult.data_ptr(), fidx, f_mode, w.data_ptr(), n1_next.data_ptr(),
+                                     s2.data_ptr(), bad.data_ptr()):
+            raise MemoryError("the fused lane step could not allocate its scratch")
+        return w, n1_next, (s2.sqrt() if K == 5 else None), bad
     ew, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 3, n, cdtype)
     getattr(lib, f"predict_{s}")(B, M, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(), es, n1.data_ptr(),
                                  n1.stride(0), tendency_mult.data_ptr(), ew.data_ptr(), spec.data_ptr())
     fh = _flux_spectra(lib, s, spec, n, None)
-    K = look_mult.shape[0]
     w, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, K, n, cdtype)
     bad = torch.empty(B, dtype=w.real.dtype)
     getattr(lib, f"correct_{s}")(B, M, K, fh.data_ptr(), flux_mult.data_ptr(), fidx, f_mode, ew.data_ptr(),

@@ -11,6 +11,7 @@ SOURCE = r"""
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 typedef uint32_t U_f32;
 typedef uint64_t U_f64;
@@ -139,8 +140,111 @@ void transpose_##S(long B, long rows, long cols, const E_##S *src, long ss, E_##
   }                                                                                                                   \
 }
 
+/* MKL's DFTI, as torch's CPU build exports it (bound at run time by mkl_bind; fused.py passes the addresses) */
+typedef long (*dfti_create)(void **, int, ...);
+typedef long (*dfti_set)(void *, int, ...);
+typedef long (*dfti_commit)(void *);
+typedef long (*dfti_compute)(void *, void *, ...);
+static dfti_create create_f32, create_f64;
+static dfti_set dfti_set_value;
+static dfti_commit dfti_commit_descriptor;
+static dfti_compute dfti_forward, dfti_backward;
+void mkl_bind(void *cs, void *cd, void *set, void *commit, void *fwd, void *bwd) {
+  create_f32 = (dfti_create)cs; create_f64 = (dfti_create)cd; dfti_set_value = (dfti_set)set;
+  dfti_commit_descriptor = (dfti_commit)commit; dfti_forward = (dfti_compute)fwd; dfti_backward = (dfti_compute)bwd;
+}
+enum { NUMBER_OF_TRANSFORMS = 7, CONJUGATE_EVEN_STORAGE = 10, PLACEMENT = 11, INPUT_STRIDES = 12,
+       OUTPUT_STRIDES = 13, INPUT_DISTANCE = 14, OUTPUT_DISTANCE = 15, THREAD_LIMIT = 27,
+       DOMAIN_COMPLEX = 32, DOMAIN_REAL = 33, COMPLEX_COMPLEX = 39, NOT_INPLACE = 44 };
+
+/* a batch of 1D transforms configured as torch's _plan_mkl_fft does for a contiguous tensor (so torch's bits),
+   on one thread: `howmany` transforms of length len, id / od values apart */
+static void *plan(dfti_create create, int domain, long len, long howmany, long id, long od) {
+  void *h = 0; long unit[2] = {0, 1};
+  if (create(&h, domain, len)) return 0;
+  long r = dfti_set_value(h, PLACEMENT, NOT_INPLACE) | dfti_set_value(h, NUMBER_OF_TRANSFORMS, howmany)
+         | dfti_set_value(h, INPUT_DISTANCE, id) | dfti_set_value(h, OUTPUT_DISTANCE, od)
+         | dfti_set_value(h, INPUT_STRIDES, unit) | dfti_set_value(h, OUTPUT_STRIDES, unit)
+         | dfti_set_value(h, THREAD_LIMIT, 1L);
+  if (domain == DOMAIN_REAL) r |= dfti_set_value(h, CONJUGATE_EVEN_STORAGE, COMPLEX_COMPLEX);
+  return r || dfti_commit_descriptor(h) ? 0 : h;
+}
+
+/* one member's transforms at n x n: [0] for 3 stacked fields, [1] for 5; the flux pair's forward ones */
+typedef struct { long n; void *c2c[2], *c2r[2], *r2c, *c2c_flux; } Plans;
+
+/* the lane step of kernels.lane_step for one member at a time (its transforms, the fused passes above and the C
+   transposes, all in cache), the members' results independent of each other: chunk=1's bits */
+#define STEP(T, S)                                                                                                    \
+void *plans_##S(long n) {                                                                                             \
+  long m = n/2 + 1; Plans *p = calloc(1, sizeof *p); if (!p) return 0;                                                \
+  p->n = n;                                                                                                           \
+  for (int k = 0; k < 2; k++) {                                                                                       \
+    long K = k ? 5 : 3;                                                                                               \
+    p->c2c[k] = plan(create_##S, DOMAIN_COMPLEX, n, K*m, n, n);                                                       \
+    p->c2r[k] = plan(create_##S, DOMAIN_REAL, n, K*n, m, n);                                                          \
+  }                                                                                                                   \
+  p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m);                                                               \
+  p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n);                                                       \
+  if (!(p->c2c[0] && p->c2c[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_flux)) { free(p); return 0; }            \
+  return p;                                                                                                           \
+}                                                                                                                     \
+/* the flux spectra fh of (u w, v w) from the stacked spectra a of (w, u, v[, U, V]) (kernels.irfft2_k1 unscaled,  \
+   the products, kernels.rfft2_k1), and max(U^2 + V^2) into s2 when K = 5; a and b are scratch */                    \
+static void flux_spectra_##S(const Plans *p, long K, T *a, T *b, T *fields, T *fl, T *fh, T *s2) {                    \
+  long n = p->n, m = n/2 + 1, P = n*n; int k = K == 5;                                                                \
+  dfti_backward(p->c2c[k], a, b);                                                                                     \
+  transpose_##S(K, m, n, (const E_##S *)b, n, (E_##S *)a);                                                            \
+  dfti_backward(p->c2r[k], a, fields);                                                                                \
+  flux1_##S(P, fields, fields + P, fields + 2*P, fl, fl + P);                                                         \
+  if (K == 5) *s2 = speed1_##S(P, fields + 3*P, fields + 4*P);                                                        \
+  dfti_forward(p->r2c, fl, b);                                                                                        \
+  transpose_##S(2, n, m, (const E_##S *)b, m, (E_##S *)a);                                                            \
+  dfti_forward(p->c2c_flux, a, fh);                                                                                   \
+}                                                                                                                     \
+int step_##S(const Plans *p, long B, long K, const T *w, const T *e, long es, const T *g, const T *n1, long ns,       \
+             const T *tm, const T *lm, const T *fm, long fidx, T f_mode, T *wo, T *n1o, T *s2, T *bad) {             \
+  long n = p->n, M = n*(n/2 + 1), P = n*n;                                                                            \
+  size_t bytes = sizeof(T) * (size_t)(26*M + 7*P); bytes = (bytes + 63) / 64 * 64;                                    \
+  T *buf = aligned_alloc(64, bytes); if (!buf) return 1;                                                              \
+  T *a = buf, *b = a + 10*M, *fields = b + 10*M, *fl = fields + 5*P, *fh = fl + 2*P, *ew = fh + 4*M;                 \
+  for (long i = 0; i < B; i++) {                                                                                      \
+    const T *eb = e + 2*i*es, *gb = g + 2*i*es, *nb = n1 + 2*i*ns; T *wb = wo + 2*i*M, *ob = n1o + 2*i*M;             \
+    predict1_##S(M, w + 2*i*M, eb, gb, nb, tm, ew, a);                                                                \
+    flux_spectra_##S(p, 3, a, b, fields, fl, fh, 0);                                                                  \
+    if (K == 5) correct1_5_##S(M, fh, fm, fidx, f_mode, ew, gb, nb, lm, wb, a);                                       \
+    else correct1_3_##S(M, fh, fm, fidx, f_mode, ew, gb, nb, lm, wb, a);                                              \
+    bad[i] = nonfinite_##S(2*M, wb) ? (T)NAN : (T)0;                                                                  \
+    flux_spectra_##S(p, K, a, b, fields, fl, fh, K == 5 ? s2 + i : 0);                                                \
+    tendency1_##S(M, fh, fm, ob);                                                                                     \
+    if (fidx >= 0) { ob[2*fidx] += f_mode; ob[2*fidx+1] += (T)0; }                                                    \
+  }                                                                                                                   \
+  free(buf); return 0;                                                                                                \
+}                                                                                                                     \
+/* only the transforms (and their transposing copies) of `steps` steps of B members with K-field looks, on zeroed   \
+   scratch: what `step` costs beyond its elementwise passes (benchmarks/bench_ns_solver.py, "fft floor") */           \
+int transforms_##S(const Plans *p, long B, long K, long steps) {                                                      \
+  long n = p->n, m = n/2 + 1, M = n*m, P = n*n;                                                                       \
+  size_t bytes = sizeof(T) * (size_t)(24*M + 7*P); bytes = (bytes + 63) / 64 * 64;                                    \
+  T *a = aligned_alloc(64, bytes); if (!a) return 1;                                                                  \
+  memset(a, 0, bytes);                                                                                                \
+  T *b = a + 10*M, *fields = b + 10*M, *fl = fields + 5*P, *fh = fl + 2*P;                                            \
+  for (long s = 0; s < steps; s++)                                                                                    \
+    for (long i = 0; i < B; i++)                                                                                      \
+      for (int k = 0; k < 2; k++) {                                                                                   \
+        long Kk = k ? K : 3; int j = Kk == 5;                                                                         \
+        dfti_backward(p->c2c[j], a, b);                                                                               \
+        transpose_##S(Kk, m, n, (const E_##S *)b, n, (E_##S *)a);                                                     \
+        dfti_backward(p->c2r[j], a, fields);                                                                          \
+        dfti_forward(p->r2c, fl, b);                                                                                  \
+        transpose_##S(2, n, m, (const E_##S *)b, m, (E_##S *)a);                                                      \
+        dfti_forward(p->c2c_flux, a, fh);                                                                             \
+      }                                                                                                               \
+  free(a); return 0;                                                                                                  \
+}
+
 #define ALL(T, S, TMAX, FMAX, TILE) PREDICT(T, S) CORRECT(T, S, 3) CORRECT(T, S, 5) FINITE(T, S, TMAX)                \
-  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE)
+  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE) STEP(T, S)
 ALL(float, f32, FLT_MAX, fmaxf, 32)
 ALL(double, f64, DBL_MAX, fmax, 16)
 """

@@ -14,8 +14,9 @@ compiled by TorchScript, which runs it without holding the GIL. On CPU the lanes
 threads (`lane_threads.py`), each computing with one intra-op thread: a member's bits depend on the members in its
 lane (chunk) only, never on the thread count; with chunk=1 they depend on nothing but the member. In per-member and
 fixed modes lanes run to T independently; in paper mode they advance in lock-step, the batch's step taken between
-steps, and share the step's Crank–Nicolson factors. One-thread CPU solves from FUSED_FROM_N on run the same step
-with its elementwise passes in C loops (`fused.py`, built at first use where a C compiler is found; the same bits).
+steps, and share the step's Crank–Nicolson factors. CPU solves run the same step in C (`fused.py`, built at first
+use where a C compiler is found; the same bits): the whole lane step in one call where it binds torch's MKL, a member
+at a time; else its elementwise passes, in one-thread solves from FUSED_FROM_N on.
 On CPU a solve keeps freed memory in its process
 (`enkg_dist.heap`): a lane's temporaries exceed malloc's mmap threshold, and would otherwise come back as fresh pages.
 """
@@ -39,8 +40,10 @@ MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
 LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
-# the fused lane step (fused.py) runs one-thread solves from this grid on: 8-20 % faster at 64^2 and 128^2, no
-# faster at 32^2; with lanes on two threads its Python glue queues for the GIL (slower than the scripted kernel)
+# the fused lane step (fused.py) runs every CPU solve where it binds MKL (one C call a lane step, no GIL: 1.2-1.9x
+# the scripted kernel at 32^2-128^2, one and two threads); without MKL its transforms are torch calls between the C
+# passes, and it runs one-thread solves from this grid on only: 8-20 % faster at 64^2 and 128^2, no faster at 32^2,
+# and with lanes on two threads its Python glue queues for the GIL
 FUSED_FROM_N = 64
 
 
@@ -306,8 +309,8 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
     # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
     lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
-    if threads == 1 and eq.n >= FUSED_FROM_N and fused.usable(eq.n, eq.dtype, omega0.device):
-        lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, the elementwise passes fused
+    if fused.usable(eq.n, eq.dtype, omega0.device) and (fused.mkl_bound() or (threads == 1 and eq.n >= FUSED_FROM_N)):
+        lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, in C
     factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
 
     def start(k: int) -> None:
