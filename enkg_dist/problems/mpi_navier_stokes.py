@@ -11,11 +11,13 @@ Layout, R ranks, N % R == 0:
             columns that stay zero) and all N wavenumbers k1.
 Forward 2D FFT = local rfft along y + Alltoall transpose + local fft along x; the inverse runs backwards (ifft along
 x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. Local FFTs and arithmetic are the
-serial solver's (torch, one intra-op thread per rank, spectra k1-contiguous): one rank runs exactly the serial
-kernel (a local transpose where more ranks have the Alltoall), and each step moves 12 fields in 4 transposes, the
-step rule's velocity riding with the predictor's fields. mpi4py is imported lazily (only this module may import
-it, see tests/test_architecture.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source
-build needs system FFTW libraries, so it does not install from PyPI alone.
+serial solver's (torch, one intra-op thread per rank, spectra k1-contiguous; the elementwise passes in its fused C
+loops, `navier_stokes/fused.py`, where the slabs are multiples of 16 values, the same bits; ENKG_MPI_FUSED=0: torch
+ops): one rank runs the serial kernel's arithmetic (a local transpose where more ranks have the Alltoall), and each
+step moves 12 fields in 4 transposes, the step rule's velocity riding with the predictor's fields. mpi4py is
+imported lazily (only the MPI modules may import it, see tests/test_architecture.py; the slab classes are in
+mpi_slab.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source build needs system FFTW
+libraries, so it does not install from PyPI alone.
 
 As a program (plugs into ExternalProgramForward as a simulator that needs MPI):
 
@@ -39,11 +41,9 @@ import numpy as np
 import torch
 
 from enkg_dist.heap import retain_freed_memory
-from enkg_dist.problems.navier_stokes.equation import k1_contiguous
-from enkg_dist.problems.navier_stokes.kernels import cn_factors
+from enkg_dist.problems.mpi_slab import DEALIAS, SlabFFT, SlabNavierStokes, mpi_constant
 
 LANDING_TOL = 1e-9  # as the serial solver: a step within this fraction of dt of T lands on T
-DEALIAS = ("disc", "two_thirds")
 SCALE = 10.0  # model space x = w / SCALE, as NavierStokesForward
 FAIL_EXIT = 3
 
@@ -53,143 +53,6 @@ def world():
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
-
-
-class SlabFFT:
-    """2D real FFTs of a field whose rows are split over the ranks of `comm`; batched over leading axes (torch).
-
-    forward: (B, Nl, N) real -> (B, N, Kl) complex (all k1, this rank's k2 block)
-    inverse: (B, N, Kl) complex -> (B, Nl, N) real
-    """
-
-    def __init__(self, comm, n: int):
-        self.comm, self.n = comm, int(n)
-        self.size, self.rank = comm.Get_size(), comm.Get_rank()
-        if self.n % self.size:
-            raise ValueError(f"grid size {n} is not divisible by the number of ranks {self.size}")
-        self.nl = self.n // self.size  # rows per rank
-        self.nk = self.n // 2 + 1  # rfft columns
-        self.kl = -(-self.nk // self.size)  # k2 columns per rank (padded)
-        self.kp = self.kl * self.size
-        self.k2_lo = self.rank * self.kl  # this rank's first k2 column
-        self._row_types: dict = {}  # B -> the MPI datatype of `_rows`
-
-    @staticmethod
-    def layout(t: torch.Tensor) -> torch.Tensor:
-        """t (..., N, Kl) in the memory layout of the spectra: k1 contiguous (the serial solver's, see
-        NavierStokes2D.fft), so that the column FFTs read and write without strides."""
-        return k1_contiguous(t)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        """rfft along y, transpose, fft along x."""
-        a = torch.fft.rfft(f, dim=-1)  # (B, nl, nk)
-        if self.size == 1:  # the serial solver's transform: a local transpose in place of the Alltoall
-            return torch.fft.fft(a.transpose(-1, -2).contiguous(), dim=-1).transpose(-1, -2)
-        B, R, nl, kl = f.shape[0], self.size, self.nl, self.kl
-        send = a.new_zeros((R, B, kl, nl)) if self.kp > self.nk else a.new_empty((R, B, kl, nl))
-        for r in range(R):  # send[r]: the columns of rank r, transposed (padding columns stay zero)
-            lo, hi = r * kl, min((r + 1) * kl, self.nk)
-            send[r, :, : hi - lo, :] = a[..., lo:hi].transpose(-1, -2)
-        spec = a.new_empty((B, kl, self.n))
-        # rank s's rows land straight in columns s nl .. (s+1) nl of every (field, k2) row: no unpacking copy
-        self.comm.Alltoall([send.numpy(), B * kl * nl, _mpi("C_DOUBLE_COMPLEX")], [spec.numpy(), 1, self._rows(B)])
-        return torch.fft.fft(spec, dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
-
-    def inverse(self, s: torch.Tensor) -> torch.Tensor:
-        """ifft along x, transpose, irfft along y."""
-        a = torch.fft.ifft(s.transpose(-1, -2), dim=-1)  # (B, kl, N): x contiguous
-        if self.size == 1:
-            return torch.fft.irfft(a.transpose(-1, -2).contiguous(), n=self.n, dim=-1)
-        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
-        a = a.contiguous()
-        recv = a.new_empty((R, B, kl, nl))  # recv[s] = (B, columns of rank s, my rows)
-        # rank r's rows go straight from columns r nl .. (r+1) nl of every (field, k2) row: no packing copy
-        self.comm.Alltoall([a.numpy(), 1, self._rows(B)], [recv.numpy(), B * kl * nl, _mpi("C_DOUBLE_COMPLEX")])
-        half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)
-        return torch.fft.irfft(half if self.kp == self.nk else half[..., : self.nk], n=self.n, dim=-1)
-
-    def _rows(self, B: int):
-        """MPI datatype of one rank's share of B kl rows of length N: nl values per row, consecutive ranks' shares
-        nl values apart (a vector type resized to nl values), so that Alltoall reads or writes them in place."""
-        if B not in self._row_types:
-            base = _mpi("C_DOUBLE_COMPLEX")
-            vec = base.Create_vector(B * self.kl, self.nl, self.n)
-            self._row_types[B] = vec.Create_resized(0, self.nl * base.Get_extent()[1]).Commit()
-            vec.Free()
-        return self._row_types[B]
-
-
-class SlabNavierStokes:
-    """The right-hand side of NavierStokes2D (equation.py) on this rank's spectral slab (N, Kl), float64."""
-
-    def __init__(self, fft: SlabFFT, Re: float = 200.0, forcing_amplitude: float = 4.0, forcing_wavenumber: int = 4,
-                 dealias: str = "disc"):
-        if dealias not in DEALIAS:
-            raise ValueError(f"unknown dealiasing {dealias!r}; choose one of {DEALIAS}")
-        n = fft.n
-        if forcing_amplitude and not 0 < forcing_wavenumber < n / 2:
-            raise ValueError(f"forcing wavenumber {forcing_wavenumber} is not resolved on a {n}^2 grid")
-        self.fft, self.n, self.Re, self.dealias = fft, n, float(Re), dealias
-        self.forcing_amplitude, self.forcing_wavenumber = float(forcing_amplitude), int(forcing_wavenumber)
-        f64 = torch.float64
-        cols = torch.arange(fft.k2_lo, fft.k2_lo + fft.kl)
-        valid = cols < fft.nk  # padding columns carry zero everything
-        k1 = fft.layout(torch.fft.fftfreq(n, d=1.0 / n, dtype=f64)[:, None].expand(n, fft.kl))
-        k2 = fft.layout(torch.where(valid, cols, 0).to(f64)[None, :].expand(n, fft.kl))
-        k2_abs = k1**2 + k2**2
-        inv_lap = torch.where(k2_abs > 0, 1.0 / k2_abs.clamp_min(1.0), 0.0)
-        zn1 = torch.where(k1.abs() == n // 2, 0.0, k1) if n % 2 == 0 else k1
-        zn2 = torch.where(k2.abs() == n // 2, 0.0, k2) if n % 2 == 0 else k2
-        ik1, ik2 = 1j * zn1, 1j * zn2
-        if dealias == "two_thirds":
-            keep = (3 * k1.abs() < n) & (3 * k2.abs() < n)
-        else:
-            keep = k1**2 + k2**2 <= 2 * (n / 3) ** 2
-        mask = keep.to(f64) * valid[None, :]
-        if fft.k2_lo == 0:
-            mask[0, 0] = 0.0
-        self.f_mode = -self.forcing_amplitude * n * n / 2
-        c = self.forcing_wavenumber - fft.k2_lo
-        self.f_col = c if self.forcing_amplitude and 0 <= c < fft.kl else None
-        # as NavierStokes2D: masked (w, u, v) for the tendency and unmasked (u, v) for the step rule, complex
-        to_u, to_v = mask * inv_lap * ik2, -mask * inv_lap * ik1
-        stack = lambda *ts: fft.layout(torch.stack(ts))  # noqa: E731
-        self._tendency_mult = stack(mask.to(torch.complex128), to_u, to_v)
-        self._first_mult = stack(mask.to(torch.complex128), to_u, to_v, inv_lap * ik2, -inv_lap * ik1)
-        out_mask = mask if dealias == "two_thirds" else torch.ones_like(mask)
-        self._flux_mult = stack(-out_mask * ik1, -out_mask * ik2)
-        self.half_viscous_c = fft.layout(0.5 * (-(1.0 / self.Re) * k2_abs)).to(torch.complex128)  # L/2, L = nu Lap
-
-    @property
-    def nu(self) -> float:
-        return 1.0 / self.Re
-
-    def step_viscosity(self) -> float:
-        """mu = nu sqrt(max|f|) with forcing, nu without (solver.step_viscosity)."""
-        return self.nu * (math.sqrt(abs(self.forcing_amplitude)) if self.forcing_amplitude else 1.0)
-
-    def tendency(self, w_hat: torch.Tensor, speed: bool = False) -> tuple[torch.Tensor, float | None]:
-        """(N(w_hat) = -F[div(u w)] + f_hat on this rank's slab (N, Kl), and with speed=True the max of u^2 + v^2 over
-        this rank's rows, from the same transpose: NavierStokes2D.tendency_and_max_speed2)."""
-        fields = self.fft.inverse(w_hat.unsqueeze(0) * (self._first_mult if speed else self._tendency_mult))
-        flux_hat = self.fft.forward(fields[1:3] * fields[0:1]).mul_(self._flux_mult)
-        nonlin = flux_hat[0].add_(flux_hat[1])
-        if self.f_col is not None:
-            nonlin[0, self.f_col] += self.f_mode
-        if not speed:
-            return nonlin, None
-        uv = fields[3:5]
-        return nonlin, float((uv * uv).sum(dim=0).max())
-
-    def heun_cn_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor | None = None) -> torch.Tensor:
-        """integrator.heun_cn_step for one field (n1: N(w_hat) if already known)."""
-        e, g = cn_factors(self.half_viscous_c, dt, None)
-        if n1 is None:
-            n1 = self.tendency(w_hat)[0]
-        ew = w_hat * e
-        n2 = self.tendency(torch.addcmul(ew, g, n1))[0]
-        return ew.addcmul_(g, n1.add_(n2), value=0.5)
-
 
 @dataclass
 class MPISolveResult:
@@ -207,7 +70,7 @@ class MPISolveResult:
 def _any(comm, flag: bool) -> bool:
     if comm.Get_size() == 1:
         return bool(flag)
-    return bool(comm.allreduce(int(bool(flag)), op=_mpi("MAX")))
+    return bool(comm.allreduce(int(bool(flag)), op=mpi_constant("MAX")))
 
 
 def _max_of(comm, s2: float, flag: bool) -> tuple[float, bool]:
@@ -217,16 +80,8 @@ def _max_of(comm, s2: float, flag: bool) -> tuple[float, bool]:
     if comm.Get_size() == 1:
         return s2, bool(flag)
     buf = np.array([s2, float(bool(flag))])
-    comm.Allreduce(_mpi("IN_PLACE"), buf, op=_mpi("MAX"))
+    comm.Allreduce(mpi_constant("IN_PLACE"), buf, op=mpi_constant("MAX"))
     return float(buf[0]), bool(buf[1])
-
-
-def _mpi(name: str):
-    """mpi4py.MPI.<name> (imported here, lazily)."""
-    from mpi4py import MPI
-
-    return getattr(MPI, name)
-
 
 def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float | None = None, Re: float = 200.0,
               forcing_amplitude: float = 4.0, forcing_wavenumber: int = 4, dealias: str = "disc", cfl: float = 0.5,
@@ -305,14 +160,20 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
         last = rem <= step * (1 + LANDING_TOL)
         if last:
             step = rem
-        w_hat = eq.heun_cn_step(w_hat, step, n1)
+        look = adaptive and not last and not bad_speed
+        if eq.fused:
+            w_hat, n1, s2_local, local_bad = eq.fused_step(w_hat, step, n1 if n1 is not None else
+                                                           eq.tendency(w_hat)[0], look)
+        else:
+            w_hat = eq.heun_cn_step(w_hat, step, n1)
+            local_bad = not bool(torch.isfinite(torch.view_as_real(w_hat).sum()))  # a finite sum may overflow:
+            local_bad = local_bad and not bool(torch.isfinite(torch.view_as_real(w_hat)).all())  # then look at each
+            if look:
+                n1, s2_local = eq.tendency(w_hat, speed=True)
         t = T if last else t + step
         steps += 1
-        local_bad = not bool(torch.isfinite(torch.view_as_real(w_hat).sum()))  # a sum of finite values may overflow:
-        local_bad = local_bad and not bool(torch.isfinite(torch.view_as_real(w_hat)).all())  # then look at each
-        if adaptive and not last and not bad_speed:
-            n1, s2 = eq.tendency(w_hat, speed=True)
-            s2, bad = _max_of(comm, s2, local_bad)
+        if look:
+            s2, bad = _max_of(comm, s2_local, local_bad)
         else:
             n1, bad = None, _any(comm, local_bad)
         bad = bad_speed or bad

@@ -59,6 +59,17 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_fused_c_passes_give_the_torch_ops_bits(mpirun, tmp_path, monkeypatch, ranks):
+    # ENKG_MPI_FUSED=0: every elementwise pass a torch op, as before the ranks called the serial solver's C loops
+    x, outs = x_field(1), []
+    for flag in "01":
+        monkeypatch.setenv("ENKG_MPI_FUSED", flag)
+        run_program(mpirun, ranks, tmp_path, x, "--T", "0.1", "--full-output")
+        outs.append(np.load(tmp_path / "out.npy"))
+    assert np.array_equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_mpi_solve_equals_the_serial_solve(mpirun, tmp_path, ranks):
     x = x_field(0)
