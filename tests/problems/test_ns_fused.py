@@ -2,6 +2,8 @@
 cache and the fallback where no library can be built."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -157,3 +159,28 @@ def test_the_transforms_floor_runs_the_steps_transforms(lib, dtype):
         pytest.skip("no MKL bound: the benchmark's floor runs torch's transforms")
     fused.transforms(32, dtype, 3, 5, 2)  # the benchmark's "fft floor": plans, scratch, 2 steps of 3 members
     fused.transforms(32, dtype, 1, 3, 1)
+
+
+AUTOGRAD = """
+import torch
+from enkg_dist.problems.navier_stokes import grf_vorticity, solve
+omega0 = torch.cat([grf_vorticity(32, s) for s in range(2)]).to(torch.float64)
+kw = dict(mode="fixed", dt=2e-3)
+loss = lambda w: solve(w, 0.02, **kw).omega.pow(2).sum()
+x = omega0.clone().requires_grad_(True)
+tracked = solve(x, 0.02, **kw)  # this process's first solve: tracked
+(grad,) = torch.autograd.grad(tracked.omega.pow(2).sum(), x)
+v = torch.randn(omega0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+with torch.no_grad():
+    fd = (loss(omega0 + 1e-6 * v) - loss(omega0 - 1e-6 * v)) / 2e-6
+assert torch.equal(tracked.omega.detach(), solve(omega0, 0.02, **kw).omega)
+assert abs(float((grad * v).sum()) - float(fd)) <= 1e-6 * abs(float(fd)), (float((grad * v).sum()), float(fd))
+"""
+
+
+@pytest.mark.subprocess
+def test_a_solve_under_autograd_runs_the_eager_kernel_and_its_gradient_is_right():
+    # neither the C step (no backward) nor TorchScript's autodiff, which dropped the gradient of the CPU inverse FFT's
+    # out= branch when a process's first scripted call was tracked: hence a fresh process, tracked first
+    proc = subprocess.run([sys.executable, "-c", AUTOGRAD], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -307,11 +307,19 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     adaptive = mode != "fixed"
 
     # CPU lanes run the TorchScript kernels (no GIL between lane threads), compiled here before any lane thread
-    # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic)
-    lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look)) if cpu else (kernels.lane_step, kernels.look)
-    if fused.usable(eq.n, eq.dtype, omega0.device) and (fused.mkl_bound() or (threads == 1 and eq.n >= FUSED_FROM_N)):
+    # starts; a GPU runs one lane, eager (TorchScript's GPU fusers would change the arithmetic). Under autograd the
+    # kernels run eager: TorchScript's autodiff runs a graph with requires_grad False inside, so the inverse FFT's
+    # CPU branch (out=, not differentiable) dropped gradients whenever a process's first scripted call was tracked;
+    # the C step has no backward at all
+    tracked = torch.is_grad_enabled() and omega0.requires_grad
+    script = cpu and not tracked
+    lane_kernels = (kernels.lane_step, kernels.look)
+    if script:
+        lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look))
+    if (not tracked and fused.usable(eq.n, eq.dtype, omega0.device)
+            and (fused.mkl_bound() or (threads == 1 and eq.n >= FUSED_FROM_N))):
         lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, in C
-    factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if cpu else kernels.cn_factors)
+    factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if script else kernels.cn_factors)
 
     def start(k: int) -> None:
         lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels, factors)
