@@ -39,13 +39,8 @@ class SlabFFT:
         self.lib = None  # the fused C library (set by SlabNavierStokes where it is used): its transposing copies
 
     def _transposed(self, a: torch.Tensor) -> torch.Tensor:
-        """a.transpose(-1, -2).contiguous() for contiguous complex128 a: by the C library's tiled copy where set."""
-        if self.lib is None:
-            return a.transpose(-1, -2).contiguous()
-        rows, cols = a.shape[-2], a.shape[-1]
-        out = torch.empty(a.shape[:-2] + (cols, rows), dtype=a.dtype)
-        self.lib.transpose_f64(a.numel() // (rows * cols), rows, cols, a.data_ptr(), cols, out.data_ptr())
-        return out
+        """a.transpose(-1, -2).contiguous() for contiguous a: by the C library's tiled copy where set."""
+        return a.transpose(-1, -2).contiguous() if self.lib is None else fused.transposed(a)
 
     @staticmethod
     def layout(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +166,7 @@ class SlabNavierStokes:
         max|u|^2 or None, whether this rank's w_{n+1} is not finite)."""
         lib, M, n = fused.library(), self.n * self.fft.kl, self.n
         e, g = cn_factors(self.half_viscous_c, dt, None)
-        w_hat, n1, e, g = (_dense(t) for t in (w_hat, n1, e, g))
+        w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
         fidx = self.f_col * n if self.f_col is not None else -1  # (k1 = 0, k2 = f_col) in the k1-contiguous layout
         ew, spec = _slab_spectra(1, self.fft), _slab_spectra(3, self.fft)
         lib.predict_f64(1, M, w_hat.data_ptr(), e.data_ptr(), 0, g.data_ptr(), 0, n1.data_ptr(), 0,
@@ -197,7 +192,7 @@ class SlabNavierStokes:
         flux = torch.empty(2, self.fft.nl, self.n, dtype=torch.float64)
         lib.product_f64(1, self.fft.nl * self.n, spec.shape[0], fields.data_ptr(), flux.data_ptr(),
                         s2.data_ptr() if s2 is not None else None)
-        return _dense(self.fft.forward(flux))
+        return k1_contiguous(self.fft.forward(flux))
 
     def heun_cn_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor | None = None) -> torch.Tensor:
         """integrator.heun_cn_step for one field (n1: N(w_hat) if already known)."""
@@ -212,11 +207,6 @@ class SlabNavierStokes:
 def _slab_spectra(K: int, fft: SlabFFT) -> torch.Tensor:
     """Uninitialised (K, N, Kl) complex spectra in the k1-contiguous layout."""
     return torch.empty(K, fft.kl, fft.n, dtype=torch.complex128).transpose(-1, -2)
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t (..., N, Kl) k1-contiguous and dense (what the C loops index), copied only where it is not."""
-    return t if t.transpose(-1, -2).is_contiguous() else k1_contiguous(t)
 
 
 def mpi_constant(name: str):

@@ -110,14 +110,14 @@ def _cpu_flags() -> str:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Argument types of the library's functions, for both real types."""
-    types = {"p": ctypes.c_void_p, "l": ctypes.c_long}
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "t": real}
         for name, sig in _SIGNATURES.items():
             fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes = [ctypes.c_long, ctypes.c_long] + [{**types, "t": real}[c] for c in sig]
+            fn.argtypes = [ctypes.c_long, ctypes.c_long] + [types[c] for c in sig]
             fn.restype = None
         step = getattr(lib, f"step_{suffix}")
-        step.argtypes = [{**types, "t": real}[c] for c in "pllpplpplpppltpppp"]
+        step.argtypes = [types[c] for c in "pllpplpplpppltpppp"]
         step.restype = ctypes.c_int
         floor = getattr(lib, f"transforms_{suffix}")
         floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
@@ -217,26 +217,30 @@ def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.T
 def _flux_spectra(lib, s: str, spec: torch.Tensor, n: int, s2: Optional[torch.Tensor]) -> torch.Tensor:
     """The spectra of (u w, v w) from the stacked spectra of (w, u, v[, U, V]), and max(U^2 + V^2) into s2."""
     B, K = spec.shape[:2]
-    fields = _irfft2_k1(lib, s, spec, n)  # held here: a pointer to a temporary would outlive its tensor
+    fields = _irfft2_k1(spec, n)  # held here: a pointer to a temporary would outlive its tensor
     flux = torch.empty(B, 2, n, n, dtype=fields.dtype)
     getattr(lib, f"product_{s}")(B, n * n, K, fields.data_ptr(), flux.data_ptr(),
                                  s2.data_ptr() if s2 is not None else None)
-    return _rfft2_k1(lib, s, flux)
+    return _rfft2_k1(flux)
 
 
-def _irfft2_k1(lib, s: str, spec: torch.Tensor, n: int) -> torch.Tensor:
+def transposed(a: torch.Tensor) -> torch.Tensor:
+    """a.transpose(-1, -2).contiguous() for a contiguous complex64/128 tensor, by the library's tiled copy (torch's
+    reads or writes along power-of-two strides at n = 128 and up: cache-set conflicts)."""
+    rows, cols = a.shape[-2], a.shape[-1]
+    out = torch.empty(a.shape[:-2] + (cols, rows), dtype=a.dtype)
+    fn = getattr(library(), f"transpose_{'f32' if a.dtype == torch.complex64 else 'f64'}")
+    fn(a.numel() // (rows * cols), rows, cols, a.data_ptr(), cols, out.data_ptr())
+    return out
+
+
+def _irfft2_k1(spec: torch.Tensor, n: int) -> torch.Tensor:
     """`kernels.irfft2_k1(spec, n, False)` (the same transforms, so the same bits) with the transposing copy in C."""
-    B, K, m = spec.shape[0], spec.shape[1], n // 2 + 1
     z = torch.fft.ifft(spec.transpose(-1, -2), dim=-1, norm="forward")  # (B, K, m, n): k2 rows, x contiguous
-    t = torch.empty(B, K, n, m, dtype=z.dtype)
-    getattr(lib, f"transpose_{s}")(B * K, m, n, z.data_ptr(), n, t.data_ptr())
-    return torch.fft.irfft(t, n=n, dim=-1, norm="forward")
+    return torch.fft.irfft(transposed(z), n=n, dim=-1, norm="forward")
 
 
-def _rfft2_k1(lib, s: str, fields: torch.Tensor) -> torch.Tensor:
+def _rfft2_k1(fields: torch.Tensor) -> torch.Tensor:
     """`kernels.rfft2_k1(fields)` (the same transforms, so the same bits) with the transposing copy in C."""
-    B, K, n = fields.shape[0], fields.shape[1], fields.shape[-1]
     a = torch.fft.rfft(fields, dim=-1)  # (B, K, n, m): x rows, k2 contiguous
-    t = torch.empty(B, K, n // 2 + 1, n, dtype=a.dtype)
-    getattr(lib, f"transpose_{s}")(B * K, n, n // 2 + 1, a.data_ptr(), n // 2 + 1, t.data_ptr())
-    return torch.fft.fft(t, dim=-1).transpose(-1, -2)
+    return torch.fft.fft(transposed(a), dim=-1).transpose(-1, -2)
