@@ -161,7 +161,11 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
         if last:
             step = rem
         look = adaptive and not last and not bad_speed
-        if eq.fused:
+        if eq.c_kernels:  # the look: N(w_{n+1}) (and max|u|^2 when adaptive) unless the solve ends here
+            K = 0 if last or bad_speed else 5 if adaptive else 3
+            w_hat, n1, s2_local, local_bad = eq.c_step(w_hat, step, n1 if n1 is not None else
+                                                       eq.tendency(w_hat)[0], K)
+        elif eq.fused:
             w_hat, n1, s2_local, local_bad = eq.fused_step(w_hat, step, n1 if n1 is not None else
                                                            eq.tendency(w_hat)[0], look)
         else:
@@ -175,7 +179,7 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
         if look:
             s2, bad = _max_of(comm, s2_local, local_bad)
         else:
-            n1, bad = None, _any(comm, local_bad)
+            n1, bad = n1 if eq.c_kernels and not adaptive else None, _any(comm, local_bad)
         bad = bad_speed or bad
         at = f"at step {steps} (t={t:.4g})"
         if bad:

@@ -61,24 +61,39 @@ class SlabFFT:
                 self.lib.transpose_f64(B, nl, kl, a.data_ptr() + lo * a.element_size(), self.nk, send[r].data_ptr())
             else:
                 send[r, :, : hi - lo, :] = a[..., lo:hi].transpose(-1, -2)
-        spec = a.new_empty((B, kl, self.n))
+        return torch.fft.fft(self.exchange_forward(send), dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
+
+    def exchange_forward(self, send: torch.Tensor, spec: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward's Alltoall: send (R, B, kl, nl) (rank r's columns, transposed) -> (B, kl, N) (this rank's
+        columns, all rows; into `spec` where given); with one rank, send[0] itself."""
+        if self.size == 1:
+            return send[0]
+        B = send.shape[1]
+        spec = send.new_empty((B, self.kl, self.n)) if spec is None else spec
         # rank s's rows land straight in columns s nl .. (s+1) nl of every (field, k2) row: no unpacking copy
-        self.comm.Alltoall([send.numpy(), B * kl * nl, mpi_constant("C_DOUBLE_COMPLEX")],
+        self.comm.Alltoall([send.numpy(), B * self.kl * self.nl, mpi_constant("C_DOUBLE_COMPLEX")],
                            [spec.numpy(), 1, self._rows(B)])
-        return torch.fft.fft(spec, dim=-1).transpose(-1, -2)  # (B, N, kl), k1 contiguous
+        return spec
+
+    def exchange_inverse(self, a: torch.Tensor, recv: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse's Alltoall: a (B, kl, N) contiguous -> recv (R, B, kl, nl) (rank s's columns, this rank's rows;
+        into `recv` where given); with one rank, a itself as (1, B, kl, N)."""
+        B = a.shape[0]
+        if self.size == 1:
+            return a[None]
+        recv = a.new_empty((self.size, B, self.kl, self.nl)) if recv is None else recv
+        # rank r's rows go straight from columns r nl .. (r+1) nl of every (field, k2) row: no packing copy
+        self.comm.Alltoall([a.numpy(), 1, self._rows(B)],
+                           [recv.numpy(), B * self.kl * self.nl, mpi_constant("C_DOUBLE_COMPLEX")])
+        return recv
 
     def inverse(self, s: torch.Tensor) -> torch.Tensor:
         """ifft along x, transpose, irfft along y."""
         a = torch.fft.ifft(s.transpose(-1, -2), dim=-1)  # (B, kl, N): x contiguous
         if self.size == 1:
             return torch.fft.irfft(self._transposed(a), n=self.n, dim=-1)
-        B, R, nl, kl = s.shape[0], self.size, self.nl, self.kl
-        a = a.contiguous()
-        recv = a.new_empty((R, B, kl, nl))  # recv[s] = (B, columns of rank s, my rows)
-        # rank r's rows go straight from columns r nl .. (r+1) nl of every (field, k2) row: no packing copy
-        self.comm.Alltoall([a.numpy(), 1, self._rows(B)],
-                           [recv.numpy(), B * kl * nl, mpi_constant("C_DOUBLE_COMPLEX")])
-        half = recv.permute(1, 3, 0, 2).reshape(B, nl, self.kp)
+        recv = self.exchange_inverse(a.contiguous())  # recv[s] = (B, columns of rank s, my rows)
+        half = recv.permute(1, 3, 0, 2).reshape(s.shape[0], self.nl, self.kp)
         return torch.fft.irfft(half if self.kp == self.nk else half[..., : self.nk], n=self.n, dim=-1)
 
     def _rows(self, B: int):
@@ -137,6 +152,10 @@ class SlabNavierStokes:
                       and fused.usable(n, torch.float64, torch.device("cpu")))
         if self.fused:
             fft.lib = fused.library()
+        # and the transforms too (one C call between Alltoalls) where MKL binds: `c_step`
+        self.c_kernels = self.fused and fused.mkl_bound()
+        self.fidx = self.f_col * n if self.f_col is not None else -1  # (k1 = 0, k2 = f_col), k1-contiguous layout
+        self._bufs: _Buffers | None = None
 
     @property
     def nu(self) -> float:
@@ -167,7 +186,7 @@ class SlabNavierStokes:
         lib, M, n = fused.library(), self.n * self.fft.kl, self.n
         e, g = cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
-        fidx = self.f_col * n if self.f_col is not None else -1  # (k1 = 0, k2 = f_col) in the k1-contiguous layout
+        fidx = self.fidx
         ew, spec = _slab_spectra(1, self.fft), _slab_spectra(3, self.fft)
         lib.predict_f64(1, M, w_hat.data_ptr(), e.data_ptr(), 0, g.data_ptr(), 0, n1.data_ptr(), 0,
                         self._tendency_mult.data_ptr(), ew.data_ptr(), spec.data_ptr())
@@ -186,6 +205,42 @@ class SlabNavierStokes:
         lib.tendency_f64(1, M, fh.data_ptr(), self._flux_mult.data_ptr(), fidx, self.f_mode, n1_next.data_ptr())
         return w, n1_next, float(s2), bool(bad.isnan())
 
+    def c_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor, K: int
+               ) -> tuple[torch.Tensor, torch.Tensor | None, float | None, bool]:
+        """`fused_step` with this rank's transforms in C as well (MKL, planned as torch plans them, so the same bits;
+        `c_kernels`), in buffers kept from step to step. K: the look's fields (5: N(w_{n+1}) and this rank's max|u|^2;
+        3: N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not finite)."""
+        lib, b = fused.library(), self._buffers()
+        e, g = cn_factors(self.half_viscous_c, dt, None)
+        w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
+        lib.slab_predict(b.plans, *(t.data_ptr() for t in (w_hat, e, g, n1, self._tendency_mult, b.ew, b.spec, b.out)))
+        flux = self._c_flux(lib, b, 3, False)
+        w, lm = _slab_spectra(1, self.fft)[0], self._first_mult if K == 5 else self._tendency_mult
+        lib.slab_correct(b.plans, K or 3, flux.data_ptr(), b.fh.data_ptr(), self._flux_mult.data_ptr(), self.fidx,
+                         self.f_mode, *(t.data_ptr() for t in (b.ew, g, n1, lm, w, b.spec, b.out, b.bad)))
+        bad = bool(b.bad.isnan())
+        if not K:
+            return w, None, None, bad
+        flux = self._c_flux(lib, b, K, K == 5)
+        n1_next = _slab_spectra(1, self.fft)[0]
+        lib.slab_tendency(b.plans, flux.data_ptr(), b.fh.data_ptr(), self._flux_mult.data_ptr(), self.fidx,
+                          self.f_mode, n1_next.data_ptr())
+        return w, n1_next, (float(b.s2) if K == 5 else None), bad
+
+    def _c_flux(self, lib, b: "_Buffers", K: int, speed: bool) -> torch.Tensor:
+        """The rows of the flux spectra (2, kl, N), before their last transform, from the K fields' first inverse
+        stage in b.out: Alltoall, the products (this rank's max|u|^2 into b.s2 with speed), Alltoall."""
+        R, kl, nl = self.fft.size, self.fft.kl, self.fft.nl
+        recv = self.fft.exchange_inverse(b.out[:K], b.recv[: R * K * kl * nl].view(R, K, kl, nl) if R > 1 else None)
+        lib.slab_flux(b.plans, K, recv.data_ptr(), *(t.data_ptr() for t in (b.half, b.fields, b.fl, b.a, b.send)),
+                      b.s2.data_ptr() if speed else None)
+        return self.fft.exchange_forward(b.send, b.flux)
+
+    def _buffers(self) -> "_Buffers":
+        if self._bufs is None:
+            self._bufs = _Buffers(self.fft)
+        return self._bufs
+
     def _fused_flux(self, lib, spec: torch.Tensor, s2: torch.Tensor | None) -> torch.Tensor:
         """The spectra of (u w, v w) from the stacked spectra of (w, u, v[, U, V]); max(U^2 + V^2) into s2."""
         fields = self.fft.inverse(spec).contiguous()
@@ -202,6 +257,21 @@ class SlabNavierStokes:
         ew = w_hat * e
         n2 = self.tendency(torch.addcmul(ew, g, n1))[0]
         return ew.addcmul_(g, n1.add_(n2), value=0.5)
+
+
+class _Buffers:
+    """`SlabNavierStokes.c_step`'s scratch, kept from step to step, and its MKL plans."""
+
+    def __init__(self, fft: SlabFFT):
+        R, n, kl, nl, c, r = fft.size, fft.n, fft.kl, fft.nl, torch.complex128, torch.float64
+        self.plans = fused.slab_plans(n, R)
+        self.ew, self.fh = torch.empty(kl, n, dtype=c), torch.empty(2, kl, n, dtype=c)
+        self.spec, self.out = torch.empty(5, kl, n, dtype=c), torch.empty(5, kl, n, dtype=c)
+        self.recv = torch.empty(R * 5 * kl * nl if R > 1 else 0, dtype=c)
+        self.half, self.fields = torch.empty(5, nl, fft.kp, dtype=c), torch.empty(5, nl, n, dtype=r)
+        self.fl, self.a = torch.empty(2, nl, n, dtype=r), torch.empty(2, nl, fft.nk, dtype=c)
+        self.send, self.flux = torch.empty(R, 2, kl, nl, dtype=c), torch.empty(2, kl, n, dtype=c)
+        self.bad, self.s2 = torch.empty(1, dtype=r), torch.empty(1, dtype=r)
 
 
 def _slab_spectra(K: int, fft: SlabFFT) -> torch.Tensor:

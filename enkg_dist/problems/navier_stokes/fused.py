@@ -37,6 +37,8 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC"
 _SIGNATURES = {  # argument types after the leading (B, M) longs; p: pointer, l: long, t: the field's real type
     "predict": "pplplplppp", "correct": "lppltpplplpppp", "tendency": "ppltp", "product": "lppp", "transpose": "lplp",
 }
+_SLAB_SIGNATURES = {"slab_predict": "ppppppppp", "slab_flux": "plppppppp", "slab_correct": "plppplt" + "p" * 8,
+                    "slab_tendency": "ppppltp"}
 _build_lock = threading.Lock()
 
 
@@ -123,6 +125,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
         getattr(lib, f"plans_{suffix}").argtypes = [ctypes.c_long]
         getattr(lib, f"plans_{suffix}").restype = ctypes.c_void_p
+    types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "t": ctypes.c_double}
+    for name, sig in _SLAB_SIGNATURES.items():  # the MPI slab solver's local work (mpi_slab.py), float64
+        getattr(lib, name).argtypes = [types[c] for c in sig]
+        getattr(lib, name).restype = None
+    lib.slab_plans.argtypes, lib.slab_plans.restype = [ctypes.c_long, ctypes.c_long], ctypes.c_void_p
     lib.mkl_bind.argtypes = [ctypes.c_void_p] * 6
     lib.mkl_bind.restype = None
     return lib
@@ -161,6 +168,15 @@ def _member_plans(lib, s: str, n: int) -> int:
             if not p:
                 raise RuntimeError(f"MKL could not plan the {n}^2 transforms")
             _plans[key] = p
+    return p
+
+
+@functools.cache
+def slab_plans(n: int, R: int) -> int:
+    """The MKL plans of an MPI rank's slab transforms (fused_source.py, `Slab`) at n x n over R ranks (`mkl_bound`)."""
+    p = library().slab_plans(n, R)
+    if not p:
+        raise RuntimeError(f"MKL could not plan the {n}^2 slab transforms over {R} ranks")
     return p
 
 

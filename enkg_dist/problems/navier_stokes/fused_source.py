@@ -123,21 +123,21 @@ void product_##S(long B, long P, long K, const T *f, T *flux, T *s2) {          
 }
 
 /* dst[b][c][r] = src[b][r][c] for B matrices of rows x cols complex values (E: one complex as an integer type of its
-   size), src rows ss values apart: the transposing copy between a 2D transform's two stages, in TILE x TILE blocks
+   size), src rows ss values apart (tile_copy: dst rows ds apart): the transposing copy between a 2D transform's two stages, in TILE x TILE blocks
    (torch's copy reads or writes one of them along 1 KiB strides at n = 128: cache-set conflicts) */
 typedef struct { uint64_t re, im; } E_f64;
 typedef uint64_t E_f32;
 #define TRANSPOSE(S, TILE)                                                                                            \
+static void tile_copy_##S(long rows, long cols, const E_##S *R s, long ss, E_##S *R d, long ds) {                     \
+  for (long r0 = 0; r0 < rows; r0 += TILE)                                                                            \
+    for (long c0 = 0; c0 < cols; c0 += TILE) {                                                                        \
+      long r1 = r0 + TILE < rows ? r0 + TILE : rows, c1 = c0 + TILE < cols ? c0 + TILE : cols;                        \
+      for (long c = c0; c < c1; c++)                                                                                  \
+        for (long r = r0; r < r1; r++) d[c*ds + r] = s[r*ss + c];                                                     \
+    }                                                                                                                 \
+}                                                                                                                     \
 void transpose_##S(long B, long rows, long cols, const E_##S *src, long ss, E_##S *dst) {                             \
-  for (long b = 0; b < B; b++) {                                                                                      \
-    const E_##S *R s = src + b*rows*ss; E_##S *R d = dst + b*rows*cols;                                               \
-    for (long r0 = 0; r0 < rows; r0 += TILE)                                                                          \
-      for (long c0 = 0; c0 < cols; c0 += TILE) {                                                                      \
-        long r1 = r0 + TILE < rows ? r0 + TILE : rows, c1 = c0 + TILE < cols ? c0 + TILE : cols;                      \
-        for (long c = c0; c < c1; c++)                                                                                \
-          for (long r = r0; r < r1; r++) d[c*rows + r] = s[r*ss + c];                                                 \
-      }                                                                                                               \
-  }                                                                                                                   \
+  for (long b = 0; b < B; b++) tile_copy_##S(rows, cols, src + b*rows*ss, ss, dst + b*rows*cols, rows);               \
 }
 
 /* MKL's DFTI, as torch's CPU build exports it (bound at run time by mkl_bind; fused.py passes the addresses) */
@@ -153,13 +153,14 @@ void mkl_bind(void *cs, void *cd, void *set, void *commit, void *fwd, void *bwd)
   create_f32 = (dfti_create)cs; create_f64 = (dfti_create)cd; dfti_set_value = (dfti_set)set;
   dfti_commit_descriptor = (dfti_commit)commit; dfti_forward = (dfti_compute)fwd; dfti_backward = (dfti_compute)bwd;
 }
-enum { NUMBER_OF_TRANSFORMS = 7, CONJUGATE_EVEN_STORAGE = 10, PLACEMENT = 11, INPUT_STRIDES = 12,
+enum { BACKWARD_SCALE = 5, NUMBER_OF_TRANSFORMS = 7, CONJUGATE_EVEN_STORAGE = 10, PLACEMENT = 11, INPUT_STRIDES = 12,
        OUTPUT_STRIDES = 13, INPUT_DISTANCE = 14, OUTPUT_DISTANCE = 15, THREAD_LIMIT = 27,
        DOMAIN_COMPLEX = 32, DOMAIN_REAL = 33, COMPLEX_COMPLEX = 39, NOT_INPLACE = 44 };
 
 /* a batch of 1D transforms configured as torch's _plan_mkl_fft does for a contiguous tensor (so torch's bits),
-   on one thread: `howmany` transforms of length len, id / od values apart */
-static void *plan(dfti_create create, int domain, long len, long howmany, long id, long od) {
+   on one thread: `howmany` transforms of length len, id / od values apart; bscale: the backward transforms' scale
+   (torch's default norm: 1/len), 0 for none */
+static void *plan(dfti_create create, int domain, long len, long howmany, long id, long od, double bscale) {
   void *h = 0; long unit[2] = {0, 1};
   if (create(&h, domain, len)) return 0;
   long r = dfti_set_value(h, PLACEMENT, NOT_INPLACE) | dfti_set_value(h, NUMBER_OF_TRANSFORMS, howmany)
@@ -167,6 +168,7 @@ static void *plan(dfti_create create, int domain, long len, long howmany, long i
          | dfti_set_value(h, INPUT_STRIDES, unit) | dfti_set_value(h, OUTPUT_STRIDES, unit)
          | dfti_set_value(h, THREAD_LIMIT, 1L);
   if (domain == DOMAIN_REAL) r |= dfti_set_value(h, CONJUGATE_EVEN_STORAGE, COMPLEX_COMPLEX);
+  if (bscale != 0) r |= dfti_set_value(h, BACKWARD_SCALE, bscale);
   return r || dfti_commit_descriptor(h) ? 0 : h;
 }
 
@@ -181,11 +183,11 @@ void *plans_##S(long n) {                                                       
   p->n = n;                                                                                                           \
   for (int k = 0; k < 2; k++) {                                                                                       \
     long K = k ? 5 : 3;                                                                                               \
-    p->c2c[k] = plan(create_##S, DOMAIN_COMPLEX, n, K*m, n, n);                                                       \
-    p->c2r[k] = plan(create_##S, DOMAIN_REAL, n, K*n, m, n);                                                          \
+    p->c2c[k] = plan(create_##S, DOMAIN_COMPLEX, n, K*m, n, n, 0);                                                       \
+    p->c2r[k] = plan(create_##S, DOMAIN_REAL, n, K*n, m, n, 0);                                                          \
   }                                                                                                                   \
-  p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m);                                                               \
-  p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n);                                                       \
+  p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m, 0);                                                               \
+  p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n, 0);                                                       \
   if (!(p->c2c[0] && p->c2c[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_flux)) { free(p); return 0; }            \
   return p;                                                                                                           \
 }                                                                                                                     \
@@ -247,4 +249,76 @@ int transforms_##S(const Plans *p, long B, long K, long steps) {                
   DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE) STEP(T, S)
 ALL(float, f32, FLT_MAX, fmaxf, 32)
 ALL(double, f64, DBL_MAX, fmax, 16)
+
+/* The MPI slab solver's local work (mpi_slab.py), float64: a rank owns nl = n/ranks physical rows (nl, n) and kl spectral
+   columns k2 (padded to kp = ranks kl), its spectra k1-contiguous (kl, n). Its transforms are SlabFFT's torch calls,
+   planned as torch plans them: the inverse is a c2c along k1 (scaled 1/n), the Alltoall, the unpacking of the
+   received (ranks, K, kl, nl) rows into (K, nl, kp) and a c2r along y (scaled 1/n); the forward an r2c along y, the
+   packing into (ranks, 2, kl, nl) (padding columns zero), the Alltoall and a c2c along k1. mpi_slab.py runs the Alltoalls
+   between these calls (with one rank the send buffer is the received one). */
+typedef struct { long n, nl, kl, kp, ranks; void *c2c_b[2], *c2r[2], *r2c, *c2c_f; } Slab;
+
+void *slab_plans(long n, long ranks) {
+  long m = n/2 + 1, kl = (m + ranks - 1) / ranks; Slab *p = calloc(1, sizeof *p); if (!p) return 0;
+  p->n = n; p->ranks = ranks; p->nl = n / ranks; p->kl = kl; p->kp = kl * ranks;
+  for (int k = 0; k < 2; k++) {
+    long K = k ? 5 : 3;
+    p->c2c_b[k] = plan(create_f64, DOMAIN_COMPLEX, n, K*kl, n, n, 1.0 / n);
+    p->c2r[k] = plan(create_f64, DOMAIN_REAL, n, K*p->nl, p->kp, n, 1.0 / n);
+  }
+  p->r2c = plan(create_f64, DOMAIN_REAL, n, 2*p->nl, n, m, 0);
+  p->c2c_f = plan(create_f64, DOMAIN_COMPLEX, n, 2*kl, n, n, 0);
+  if (!(p->c2c_b[0] && p->c2c_b[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_f)) { free(p); return 0; }
+  return p;
+}
+
+/* the predictor (ew = w e, spec = (ew + g n1) tm, 3 fields) and the inverse's first stage into out (3, kl, n) */
+void slab_predict(const Slab *p, const double *w, const double *e, const double *g, const double *n1,
+                  const double *tm, double *ew, double *spec, double *out) {
+  predict1_f64(p->n * p->kl, w, e, g, n1, tm, ew, spec);
+  dfti_backward(p->c2c_b[0], spec, out);
+}
+
+/* the inverse's rest from the received rows recv (ranks, K, kl, nl) (half: (K, nl, kp) scratch), the products (u w, v w)
+   (max(U^2 + V^2) into s2 when K = 5) and the forward's first stage, packed into send (ranks, 2, kl, nl) (a: scratch) */
+void slab_flux(const Slab *p, long K, const double *recv, double *half, double *fields, double *fl, double *a,
+               double *send, double *s2) {
+  long n = p->n, nl = p->nl, kl = p->kl, kp = p->kp, m = n/2 + 1, P = nl*n;
+  for (long s = 0; s < p->ranks; s++)
+    for (long j = 0; j < K; j++)
+      tile_copy_f64(kl, nl, (const E_f64 *)recv + (s*K + j)*kl*nl, nl, (E_f64 *)half + j*nl*kp + s*kl, kp);
+  dfti_backward(p->c2r[K == 5], half, fields);
+  flux1_f64(P, fields, fields + P, fields + 2*P, fl, fl + P);
+  if (K == 5) *s2 = speed1_f64(P, fields + 3*P, fields + 4*P);
+  dfti_forward(p->r2c, fl, a);
+  for (long r = 0; r < p->ranks; r++) {
+    long c = m - r*kl < kl ? (m - r*kl > 0 ? m - r*kl : 0) : kl;  /* rank r's columns that exist */
+    for (long j = 0; j < 2; j++) {
+      E_f64 *d = (E_f64 *)send + (r*2 + j)*kl*nl;
+      tile_copy_f64(nl, c, (const E_f64 *)a + j*nl*m + r*kl, m, d, nl);
+      memset(d + c*nl, 0, sizeof(E_f64) * (size_t)((kl - c)*nl));
+    }
+  }
+}
+
+/* the forward's last stage of the received flux rows spec (2, kl, n) into fh, the corrector (w = ew + (g/2)(n1 + N),
+   the K look fields w lm), bad = NaN if w is not finite (else 0), and the look's inverse first stage into out */
+void slab_correct(const Slab *p, long K, const double *spec, double *fh, const double *fm, long fidx, double f_mode,
+                  const double *ew, const double *g, const double *n1, const double *lm, double *w, double *look,
+                  double *out, double *bad) {
+  long M = p->n * p->kl;
+  dfti_forward(p->c2c_f, (void *)spec, fh);
+  if (K == 5) correct1_5_f64(M, fh, fm, fidx, f_mode, ew, g, n1, lm, w, look);
+  else correct1_3_f64(M, fh, fm, fidx, f_mode, ew, g, n1, lm, w, look);
+  *bad = nonfinite_f64(2*M, w) ? NAN : 0.0;
+  dfti_backward(p->c2c_b[K == 5], look, out);
+}
+
+/* the forward's last stage of the received flux rows spec into fh and the tendency N = fh0 fm0 + fh1 fm1 (+ forcing) */
+void slab_tendency(const Slab *p, const double *spec, double *fh, const double *fm, long fidx, double f_mode,
+                   double *out) {
+  dfti_forward(p->c2c_f, (void *)spec, fh);
+  tendency1_f64(p->n * p->kl, fh, fm, out);
+  if (fidx >= 0) { out[2*fidx] += f_mode; out[2*fidx+1] += 0.0; }
+}
 """
