@@ -268,8 +268,11 @@ class _Buffers:
         self.ew, self.fh = torch.empty(kl, n, dtype=c), torch.empty(2, kl, n, dtype=c)
         self.spec, self.out = torch.empty(5, kl, n, dtype=c), torch.empty(5, kl, n, dtype=c)
         self.recv = torch.empty(R * 5 * kl * nl if R > 1 else 0, dtype=c)
-        self.half, self.fields = torch.empty(5, nl, fft.kp, dtype=c), torch.empty(5, nl, n, dtype=r)
-        self.fl, self.a = torch.empty(2, nl, n, dtype=r), torch.empty(2, nl, fft.nk, dtype=c)
+        # a smaller working set: slab_flux's scratch in buffers free while it runs (the look's spectra: spec; the
+        # first inverse stage, once received: out; the flux spectra: fh), the same sizes (nl kp = kl n)
+        self.half, self.fields = self.spec.view(5, nl, fft.kp), self.out.view(-1).view(torch.float64)[: 5 * nl * n]
+        self.a = self.fh.view(-1)[: 2 * nl * fft.nk]
+        self.fl = torch.empty(2, nl, n, dtype=r)
         self.send, self.flux = torch.empty(R, 2, kl, nl, dtype=c), torch.empty(2, kl, n, dtype=c)
         self.bad, self.s2 = torch.empty(1, dtype=r), torch.empty(1, dtype=r)
 

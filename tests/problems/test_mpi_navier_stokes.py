@@ -59,15 +59,20 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_the_fused_c_passes_give_the_torch_ops_bits(mpirun, tmp_path, monkeypatch, ranks):
-    # ENKG_MPI_FUSED=0: every elementwise pass a torch op, as before the ranks called the serial solver's C loops
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("step", [[], ["--dt", "0.01"]], ids=["adaptive", "fixed"])
+def test_the_c_kernels_give_the_torch_ops_bits(mpirun, tmp_path, monkeypatch, ranks, step):
+    # ENKG_MPI_FUSED=0: every pass and transform a torch op; ENKG_NS_FUSED_MKL=0: the elementwise passes in the
+    # serial solver's C loops, the transforms torch's; default: the rank's whole local work in C (c_step)
     x, outs = x_field(1), []
-    for flag in "01":
-        monkeypatch.setenv("ENKG_MPI_FUSED", flag)
-        run_program(mpirun, ranks, tmp_path, x, "--T", "0.1", "--full-output")
+    for env in ({"ENKG_MPI_FUSED": "0"}, {"ENKG_NS_FUSED_MKL": "0"}, {}):
+        for name in ("ENKG_MPI_FUSED", "ENKG_NS_FUSED_MKL"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        run_program(mpirun, ranks, tmp_path, x, "--T", "0.1", "--full-output", *step)
         outs.append(np.load(tmp_path / "out.npy"))
-    assert np.array_equal(outs[0], outs[1])
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])

@@ -119,8 +119,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             fn.argtypes = [ctypes.c_long, ctypes.c_long] + [types[c] for c in sig]
             fn.restype = None
         step = getattr(lib, f"step_{suffix}")
-        step.argtypes = [types[c] for c in "pllpplpplpppltpppp"]
-        step.restype = ctypes.c_int
+        step.argtypes = [types[c] for c in "pllpplpplpppltppppp"]
+        step.restype = None
         floor = getattr(lib, f"transforms_{suffix}")
         floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
         getattr(lib, f"plans_{suffix}").argtypes = [ctypes.c_long]
@@ -180,6 +180,19 @@ def slab_plans(n: int, R: int) -> int:
     return p
 
 
+_scratch = threading.local()  # per thread: (n, dtype), one member's scratch for `step`
+
+
+def _step_scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """One member's scratch for the C `step` at n x n (26 M + 7 P reals), kept by this thread for its next step (a
+    fresh allocation each step cost 15 % of a 512^2 step) and freed with the thread."""
+    kept = getattr(_scratch, "kept", None)
+    if kept is None or kept[0] != (n, dtype):
+        M, P = n * (n // 2 + 1), n * n
+        _scratch.kept = kept = ((n, dtype), torch.empty(26 * M + 7 * P, dtype=dtype))
+    return kept[1]
+
+
 def transforms(n: int, dtype: torch.dtype, B: int, K: int, steps: int) -> None:
     """Only the transforms (with their transposing copies) of `steps` whole-C steps (`mkl_bound`) of B members with
     K-field looks, in this thread: the floor the FFTs set under `lane_step` (benchmarks/bench_ns_solver.py)."""
@@ -208,11 +221,11 @@ def lane_step(w_hat: torch.Tensor, n1: torch.Tensor, e: torch.Tensor, g: torch.T
     if mkl_bound():
         w, n1_next = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 1, n, cdtype)[:, 0]
         bad, s2 = torch.empty(B, dtype=w.real.dtype), torch.empty(B, dtype=w.real.dtype)
-        if getattr(lib, f"step_{s}")(_member_plans(lib, s, n), B, K, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(),
-                                     n1.data_ptr(), n1.stride(0), tendency_mult.data_ptr(), look_mult.data_ptr(),
-                                     flux_mult.data_ptr(), fidx, f_mode, w.data_ptr(), n1_next.data_ptr(),
-                                     s2.data_ptr(), bad.data_ptr()):
-            raise MemoryError("the fused lane step could not allocate its scratch")
+        scratch = _step_scratch(n, w.real.dtype)
+        getattr(lib, f"step_{s}")(_member_plans(lib, s, n), B, K, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(),
+                                  n1.data_ptr(), n1.stride(0), tendency_mult.data_ptr(), look_mult.data_ptr(),
+                                  flux_mult.data_ptr(), fidx, f_mode, w.data_ptr(), n1_next.data_ptr(), s2.data_ptr(),
+                                  bad.data_ptr(), scratch.data_ptr())
         return w, n1_next, (s2.sqrt() if K == 5 else None), bad
     ew, spec = _spectra(B, 1, n, cdtype)[:, 0], _spectra(B, 3, n, cdtype)
     getattr(lib, f"predict_{s}")(B, M, w_hat.data_ptr(), e.data_ptr(), es, g.data_ptr(), es, n1.data_ptr(),

@@ -176,7 +176,8 @@ static void *plan(dfti_create create, int domain, long len, long howmany, long i
 typedef struct { long n; void *c2c[2], *c2r[2], *r2c, *c2c_flux; } Plans;
 
 /* the lane step of kernels.lane_step for one member at a time (its transforms, the fused passes above and the C
-   transposes, all in cache), the members' results independent of each other: chunk=1's bits */
+   transposes, all in cache), the members' results independent of each other: chunk=1's bits; buf: one member's
+   scratch, 26 M + 7 P reals (kept by the caller from step to step) */
 #define STEP(T, S)                                                                                                    \
 void *plans_##S(long n) {                                                                                             \
   long m = n/2 + 1; Plans *p = calloc(1, sizeof *p); if (!p) return 0;                                                \
@@ -204,11 +205,9 @@ static void flux_spectra_##S(const Plans *p, long K, T *a, T *b, T *fields, T *f
   transpose_##S(2, n, m, (const E_##S *)b, m, (E_##S *)a);                                                            \
   dfti_forward(p->c2c_flux, a, fh);                                                                                   \
 }                                                                                                                     \
-int step_##S(const Plans *p, long B, long K, const T *w, const T *e, long es, const T *g, const T *n1, long ns,       \
-             const T *tm, const T *lm, const T *fm, long fidx, T f_mode, T *wo, T *n1o, T *s2, T *bad) {             \
+void step_##S(const Plans *p, long B, long K, const T *w, const T *e, long es, const T *g, const T *n1, long ns,       \
+             const T *tm, const T *lm, const T *fm, long fidx, T f_mode, T *wo, T *n1o, T *s2, T *bad, T *buf) {     \
   long n = p->n, M = n*(n/2 + 1), P = n*n;                                                                            \
-  size_t bytes = sizeof(T) * (size_t)(26*M + 7*P); bytes = (bytes + 63) / 64 * 64;                                    \
-  T *buf = aligned_alloc(64, bytes); if (!buf) return 1;                                                              \
   T *a = buf, *b = a + 10*M, *fields = b + 10*M, *fl = fields + 5*P, *fh = fl + 2*P, *ew = fh + 4*M;                 \
   for (long i = 0; i < B; i++) {                                                                                      \
     const T *eb = e + 2*i*es, *gb = g + 2*i*es, *nb = n1 + 2*i*ns; T *wb = wo + 2*i*M, *ob = n1o + 2*i*M;             \
@@ -221,7 +220,6 @@ int step_##S(const Plans *p, long B, long K, const T *w, const T *e, long es, co
     tendency1_##S(M, fh, fm, ob);                                                                                     \
     if (fidx >= 0) { ob[2*fidx] += f_mode; ob[2*fidx+1] += (T)0; }                                                    \
   }                                                                                                                   \
-  free(buf); return 0;                                                                                                \
 }                                                                                                                     \
 /* only the transforms (and their transposing copies) of `steps` steps of B members with K-field looks, on zeroed   \
    scratch: what `step` costs beyond its elementwise passes (benchmarks/bench_ns_solver.py, "fft floor") */           \
