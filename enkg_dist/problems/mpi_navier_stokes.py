@@ -10,14 +10,17 @@ Layout, R ranks, N % R == 0:
   spectral: rank r owns a block of Kl columns k2 of the rfft half-grid (padded from N/2+1 to Kp = R Kl with zero
             columns that stay zero) and all N wavenumbers k1.
 Forward 2D FFT = local rfft along y + Alltoall transpose + local fft along x; the inverse runs backwards (ifft along
-x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. Local FFTs and arithmetic are the
-serial solver's (torch, one intra-op thread per rank, spectra k1-contiguous; the elementwise passes in its fused C
-loops, `navier_stokes/fused.py`, where the slabs are multiples of 16 values, the same bits; ENKG_MPI_FUSED=0: torch
-ops): one rank runs the serial kernel's arithmetic (a local transpose where more ranks have the Alltoall), and each
-step moves 12 fields in 4 transposes, the step rule's velocity riding with the predictor's fields. mpi4py is
-imported lazily (only the MPI modules may import it, see tests/test_architecture.py; the slab classes are in
-mpi_slab.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source build needs system FFTW
-libraries, so it does not install from PyPI alone.
+x, transpose, irfft along y), i.e. the same factorisation torch.fft.irfft2 uses. Each rank computes with one
+thread, its spectra k1-contiguous as the serial solver's. Where the serial solver's C library builds and binds MKL
+(`navier_stokes/fused.py`) and the slabs are multiples of 16 values, a rank's whole local work between the Alltoalls
+is four C calls a step (`SlabNavierStokes.c_step`: its transforms planned as torch plans them, its elementwise passes
+the serial solver's fused loops, in buffers kept from step to step), the same bits as the torch ops; without MKL the
+passes alone are C (ENKG_NS_FUSED_MKL=0), and ENKG_MPI_FUSED=0 runs every pass and transform as a torch op. Each step
+moves 12 fields in 4 transposes, the step rule's velocity riding with the corrector's fields, and one Allreduce (the
+step rule's max|u| and the finite check together); one rank replaces the Alltoalls by nothing (its send buffer is
+what it receives). mpi4py is imported lazily (only the MPI modules may import it, see tests/test_architecture.py;
+the slab classes are in mpi_slab.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source
+build needs system FFTW libraries, so it does not install from PyPI alone.
 
 As a program (plugs into ExternalProgramForward as a simulator that needs MPI):
 

@@ -1,6 +1,7 @@
 """The slab decomposition of the MPI Navier–Stokes solver (mpi_navier_stokes.py): 2D real FFTs of a field whose rows
 are split over MPI ranks (`SlabFFT`, Alltoall transposes) and the right-hand side and Heun/Crank–Nicolson step on a
-rank's spectral slab (`SlabNavierStokes`), with the serial solver's arithmetic (its fused C loops where they apply).
+rank's spectral slab (`SlabNavierStokes`), with the serial solver's arithmetic: torch ops, or its fused C loops, or
+the whole local work between Alltoalls in C (`c_step`, fused_source.py's slab functions), all with the same bits.
 mpi4py is imported lazily, inside the calls that need it.
 """
 
@@ -209,7 +210,8 @@ class SlabNavierStokes:
                ) -> tuple[torch.Tensor, torch.Tensor | None, float | None, bool]:
         """`fused_step` with this rank's transforms in C as well (MKL, planned as torch plans them, so the same bits;
         `c_kernels`), in buffers kept from step to step. K: the look's fields (5: N(w_{n+1}) and this rank's max|u|^2;
-        3: N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not finite)."""
+        3: N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not
+        finite)."""
         lib, b = fused.library(), self._buffers()
         e, g = cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense

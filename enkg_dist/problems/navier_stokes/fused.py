@@ -4,7 +4,8 @@ the same bits (tested), in fewer passes over memory.
 Where the library binds MKL's DFTI from torch's CPU library (`mkl_bound`), the whole step is one C call (`step`): a
 member at a time, its transforms planned as torch plans them (so torch's bits), the elementwise passes fused into
 four loops, the transposing copies between each transform's stages in C, in one member's scratch (in cache), with
-the GIL released throughout. Otherwise the transforms are torch calls between four C calls.
+the GIL released throughout. Otherwise the transforms are torch calls between four C calls. The same library holds
+the MPI slab solver's local work (`slab_plans`, the `slab_*` calls of mpi_slab.py), float64.
 
 The C library is compiled at first use with the system's C compiler (`CC`, else `cc`; -O3 -march=native
 -ffp-contract=off) into a per-user cache, keyed by the source, the flags, the compiler and the CPU's flags, and

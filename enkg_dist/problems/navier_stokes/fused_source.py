@@ -123,7 +123,8 @@ void product_##S(long B, long P, long K, const T *f, T *flux, T *s2) {          
 }
 
 /* dst[b][c][r] = src[b][r][c] for B matrices of rows x cols complex values (E: one complex as an integer type of its
-   size), src rows ss values apart (tile_copy: dst rows ds apart): the transposing copy between a 2D transform's two stages, in TILE x TILE blocks
+   size), src rows ss values apart (tile_copy: dst rows ds apart): the transposing copy between a 2D transform's two
+   stages, in TILE x TILE blocks
    (torch's copy reads or writes one of them along 1 KiB strides at n = 128: cache-set conflicts) */
 typedef struct { uint64_t re, im; } E_f64;
 typedef uint64_t E_f32;
@@ -184,11 +185,11 @@ void *plans_##S(long n) {                                                       
   p->n = n;                                                                                                           \
   for (int k = 0; k < 2; k++) {                                                                                       \
     long K = k ? 5 : 3;                                                                                               \
-    p->c2c[k] = plan(create_##S, DOMAIN_COMPLEX, n, K*m, n, n, 0);                                                       \
-    p->c2r[k] = plan(create_##S, DOMAIN_REAL, n, K*n, m, n, 0);                                                          \
+    p->c2c[k] = plan(create_##S, DOMAIN_COMPLEX, n, K*m, n, n, 0);                                                    \
+    p->c2r[k] = plan(create_##S, DOMAIN_REAL, n, K*n, m, n, 0);                                                       \
   }                                                                                                                   \
-  p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m, 0);                                                               \
-  p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n, 0);                                                       \
+  p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m, 0);                                                            \
+  p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n, 0);                                                    \
   if (!(p->c2c[0] && p->c2c[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_flux)) { free(p); return 0; }            \
   return p;                                                                                                           \
 }                                                                                                                     \
@@ -248,12 +249,12 @@ int transforms_##S(const Plans *p, long B, long K, long steps) {                
 ALL(float, f32, FLT_MAX, fmaxf, 32)
 ALL(double, f64, DBL_MAX, fmax, 16)
 
-/* The MPI slab solver's local work (mpi_slab.py), float64: a rank owns nl = n/ranks physical rows (nl, n) and kl spectral
-   columns k2 (padded to kp = ranks kl), its spectra k1-contiguous (kl, n). Its transforms are SlabFFT's torch calls,
-   planned as torch plans them: the inverse is a c2c along k1 (scaled 1/n), the Alltoall, the unpacking of the
-   received (ranks, K, kl, nl) rows into (K, nl, kp) and a c2r along y (scaled 1/n); the forward an r2c along y, the
-   packing into (ranks, 2, kl, nl) (padding columns zero), the Alltoall and a c2c along k1. mpi_slab.py runs the Alltoalls
-   between these calls (with one rank the send buffer is the received one). */
+/* The MPI slab solver's local work (mpi_slab.py), float64: a rank owns nl = n/ranks physical rows (nl, n) and kl
+   spectral columns k2 (padded to kp = ranks kl), its spectra k1-contiguous (kl, n). Its transforms are SlabFFT's
+   torch calls, planned as torch plans them: the inverse is a c2c along k1 (scaled 1/n), the Alltoall, the unpacking
+   of the received (ranks, K, kl, nl) rows into (K, nl, kp) and a c2r along y (scaled 1/n); the forward an r2c along
+   y, the packing into (ranks, 2, kl, nl) (padding columns zero), the Alltoall and a c2c along k1. mpi_slab.py runs
+   the Alltoalls between these calls (with one rank the send buffer is the received one). */
 typedef struct { long n, nl, kl, kp, ranks; void *c2c_b[2], *c2r[2], *r2c, *c2c_f; } Slab;
 
 void *slab_plans(long n, long ranks) {
@@ -277,8 +278,9 @@ void slab_predict(const Slab *p, const double *w, const double *e, const double 
   dfti_backward(p->c2c_b[0], spec, out);
 }
 
-/* the inverse's rest from the received rows recv (ranks, K, kl, nl) (half: (K, nl, kp) scratch), the products (u w, v w)
-   (max(U^2 + V^2) into s2 when K = 5) and the forward's first stage, packed into send (ranks, 2, kl, nl) (a: scratch) */
+/* the inverse's rest from the received rows recv (ranks, K, kl, nl) (half: (K, nl, kp) scratch), the products
+   (u w, v w) (max(U^2 + V^2) into s2 when K = 5) and the forward's first stage, packed into send (ranks, 2, kl, nl)
+   (a: scratch) */
 void slab_flux(const Slab *p, long K, const double *recv, double *half, double *fields, double *fl, double *a,
                double *send, double *s2) {
   long n = p->n, nl = p->nl, kl = p->kl, kp = p->kp, m = n/2 + 1, P = nl*n;
