@@ -51,10 +51,10 @@ class AuthorsNS:
     """The authors' batched solver as published (enkg.md §4), float32 by default: batch-minimum adaptive step."""
 
     def __init__(self, n: int, Re: float = 200.0, forcing_amplitude: float = 4.0, forcing_wavenumber: int = 4,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.n, self.dtype = n, dtype
-        k1 = torch.fft.fftfreq(n, 1.0 / n, dtype=dtype)[:, None].expand(n, n // 2 + 1)
-        k2 = torch.fft.rfftfreq(n, 1.0 / n, dtype=dtype)[None, :].expand(n, n // 2 + 1)
+        k1 = torch.fft.fftfreq(n, 1.0 / n, dtype=dtype, device=device)[:, None].expand(n, n // 2 + 1)
+        k2 = torch.fft.rfftfreq(n, 1.0 / n, dtype=dtype, device=device)[None, :].expand(n, n // 2 + 1)
         self.lap = k1**2 + k2**2  # -Laplacian
         self.inv_lap = 1.0 / torch.where(self.lap > 0, self.lap, torch.ones_like(self.lap))
         self.inv_lap[0, 0] = 0.0
@@ -63,7 +63,7 @@ class AuthorsNS:
         self.dealias = (k1**2 + k2**2 <= 2 * (n / 3) ** 2).to(dtype)  # the authors' disc
         self.dealias[0, 0] = 0.0
         self.visc = self.lap / Re
-        y = torch.arange(n, dtype=dtype) * (2 * math.pi / n)
+        y = torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)
         self.f_hat = torch.fft.rfft2((-forcing_amplitude * torch.cos(forcing_wavenumber * y))[None, :].expand(n, n))
         self.h = 1.0 / n
         self.mu = math.sqrt(forcing_amplitude) / Re

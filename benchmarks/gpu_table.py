@@ -1,4 +1,5 @@
-"""The GPU table of scripts/gpu_check.sh: solver member-steps/s against the batch, denoiser members/s in float32 and
+"""The GPU table of scripts/gpu_check.sh: solver member-steps/s against the batch (ours and the authors' batched
+solver as bench_ns_solver.py writes it, on the same device, the same steps), denoiser members/s in float32 and
 bfloat16, and the Kalman update at J = 2048 on the GPU against the CPU. Prints one markdown table.
 
     python benchmarks/gpu_table.py                     # on a CUDA machine (the README's GPU table)
@@ -13,6 +14,7 @@ import argparse
 
 import torch
 
+from bench_ns_solver import AuthorsNS
 from timing import best_of
 
 from enkg_dist import kalman
@@ -25,18 +27,25 @@ from enkg_dist.problems.navier_stokes.solver import solve
 
 
 def solver_rows(device, n: int, batches, T: float) -> list[tuple[str, str]]:
-    """Member-steps per second of the batched solver (paper mode: the batch's steps) at n^2, float32."""
+    """Member-steps per second of the batched solver (paper mode: the batch's steps) at n^2, float32, and of the
+    authors' batched solver (bench_ns_solver.AuthorsNS, the same steps) on the same device."""
     eq = NavierStokes2D(n, dealias="disc").to(torch.float32, device)
+    ref = AuthorsNS(n, device=device)
     rows = []
     for B in batches:
         w0 = torch.cat([grf_vorticity(n, s) for s in range(B)]).to(device, torch.float32)
         out = {}
 
-        def run():
+        def ours():
             out["res"] = solve(w0, T, mode="paper", equation=eq, chunk=B)
 
-        t = best_of(run, device=device)
-        rows.append((f"solver {n}², B = {B}", f"{out['res'].member_steps / t:,.0f} member-steps/s"))
+        def authors():
+            out["steps"] = ref.solve(w0, T)[1]
+
+        t, t_ref = best_of(ours, device=device), best_of(authors, device=device)
+        rate, rate_ref = out["res"].member_steps / t, B * out["steps"] / t_ref
+        rows.append((f"solver {n}², B = {B}", f"{rate:,.0f} member-steps/s; the authors' {rate_ref:,.0f} "
+                     f"({rate / rate_ref:.2f}×)"))
     return rows
 
 
@@ -75,7 +84,7 @@ def main() -> None:
     if a.quick:
         rows = solver_rows(device, 32, [1, 4], 0.05) + denoiser_rows(device, 32, 8, 8) + kalman_rows(device, 64, 32, 16)
     else:
-        rows = (solver_rows(device, 128, [1, 4, 16, 64, 256, 1024], 0.1) + denoiser_rows(device, 128, 256, 128)
+        rows = (solver_rows(device, 128, [1, 4, 16, 64, 256, 1024, 2048], 0.1) + denoiser_rows(device, 128, 256, 128)
                 + kalman_rows(device, 2048, 128, 64))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"| on {name} | figure |\n|---|---|")

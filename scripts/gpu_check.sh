@@ -15,6 +15,6 @@ fi
 status=0
 timeout 360 "$PYTHON" -m pytest tests/gpu tests/test_devices.py tests/problems/test_navier_stokes.py -m gpu -q \
   -p no:cacheprovider -o addopts="--import-mode=importlib" || status=$?
-timeout 120 "$PYTHON" benchmarks/gpu_table.py || status=$?
+timeout 240 "$PYTHON" benchmarks/gpu_table.py || status=$?
 echo "gpu_check: exit status $status"
 exit $status
