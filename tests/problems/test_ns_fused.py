@@ -96,6 +96,15 @@ def test_the_whole_step_in_c_binds_torchs_mkl_here(lib):
     assert fused.mkl_bound()
 
 
+def test_transforms_mkl_cannot_plan_raise_one_clear_error(lib):
+    # 3^2 over 4 ranks: the column plans are made, the row plans (no rows) are not, and are freed; 0^2: none is made
+    if not fused.mkl_bound():
+        pytest.skip("MKL is not bound here")
+    for n, ranks in ((3, 4), (0, 1)):
+        with pytest.raises(RuntimeError, match=f"MKL could not plan the {n}\\^2 slab transforms over {ranks} ranks"):
+            fused.slab_plans(n, ranks)
+
+
 def test_the_whole_step_gives_each_member_the_bits_it_gets_alone(lib):
     eq, consts, w_hat, n1 = _lane(64, torch.float32, "disc", True, B=4)
     dts = torch.tensor([2e-3, 3e-3, 1e-3, 2.5e-3])[:, None, None]

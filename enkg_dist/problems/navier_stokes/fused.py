@@ -131,13 +131,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [types[c] for c in sig]
         getattr(lib, name).restype = None
     lib.slab_plans.argtypes, lib.slab_plans.restype = [ctypes.c_long, ctypes.c_long], ctypes.c_void_p
-    lib.mkl_bind.argtypes = [ctypes.c_void_p] * 6
+    lib.mkl_bind.argtypes = [ctypes.c_void_p] * 7
     lib.mkl_bind.restype = None
     return lib
 
 
 _MKL = ("DftiCreateDescriptor_s_1d", "DftiCreateDescriptor_d_1d", "DftiSetValue", "DftiCommitDescriptor",
-        "DftiComputeForward", "DftiComputeBackward")
+        "DftiComputeForward", "DftiComputeBackward", "DftiFreeDescriptor")
 
 
 @functools.cache

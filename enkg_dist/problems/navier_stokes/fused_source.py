@@ -146,13 +146,23 @@ typedef long (*dfti_create)(void **, int, ...);
 typedef long (*dfti_set)(void *, int, ...);
 typedef long (*dfti_commit)(void *);
 typedef long (*dfti_compute)(void *, void *, ...);
+typedef long (*dfti_free)(void **);
 static dfti_create create_f32, create_f64;
 static dfti_set dfti_set_value;
 static dfti_commit dfti_commit_descriptor;
 static dfti_compute dfti_forward, dfti_backward;
-void mkl_bind(void *cs, void *cd, void *set, void *commit, void *fwd, void *bwd) {
+static dfti_free dfti_free_descriptor;
+void mkl_bind(void *cs, void *cd, void *set, void *commit, void *fwd, void *bwd, void *fr) {
   create_f32 = (dfti_create)cs; create_f64 = (dfti_create)cd; dfti_set_value = (dfti_set)set;
   dfti_commit_descriptor = (dfti_commit)commit; dfti_forward = (dfti_compute)fwd; dfti_backward = (dfti_compute)bwd;
+  dfti_free_descriptor = (dfti_free)fr;
+}
+/* whether all k plans were made; if not, the ones that were are freed */
+static int planned(void **h, int k) {
+  int all = 1;
+  for (int i = 0; i < k; i++) all &= h[i] != 0;
+  for (int i = 0; i < k && !all; i++) if (h[i]) dfti_free_descriptor(&h[i]);
+  return all;
 }
 enum { BACKWARD_SCALE = 5, NUMBER_OF_TRANSFORMS = 7, CONJUGATE_EVEN_STORAGE = 10, PLACEMENT = 11, INPUT_STRIDES = 12,
        OUTPUT_STRIDES = 13, INPUT_DISTANCE = 14, OUTPUT_DISTANCE = 15, THREAD_LIMIT = 27,
@@ -170,11 +180,13 @@ static void *plan(dfti_create create, int domain, long len, long howmany, long i
          | dfti_set_value(h, THREAD_LIMIT, 1L);
   if (domain == DOMAIN_REAL) r |= dfti_set_value(h, CONJUGATE_EVEN_STORAGE, COMPLEX_COMPLEX);
   if (bscale != 0) r |= dfti_set_value(h, BACKWARD_SCALE, bscale);
-  return r || dfti_commit_descriptor(h) ? 0 : h;
+  if (r || dfti_commit_descriptor(h)) { dfti_free_descriptor(&h); return 0; }
+  return h;
 }
 
 /* one member's transforms at n x n: [0] for 3 stacked fields, [1] for 5; the flux pair's forward ones */
 typedef struct { long n; void *c2c[2], *c2r[2], *r2c, *c2c_flux; } Plans;
+#define PLANS(p) (void *[]){p->c2c[0], p->c2c[1], p->c2r[0], p->c2r[1], p->r2c, p->c2c_flux}
 
 /* the lane step of kernels.lane_step for one member at a time (its transforms, the fused passes above and the C
    transposes, all in cache), the members' results independent of each other: chunk=1's bits; buf: one member's
@@ -190,7 +202,7 @@ void *plans_##S(long n) {                                                       
   }                                                                                                                   \
   p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m, 0);                                                            \
   p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n, 0);                                                    \
-  if (!(p->c2c[0] && p->c2c[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_flux)) { free(p); return 0; }            \
+  if (!planned(PLANS(p), 6)) { free(p); return 0; }                                                                  \
   return p;                                                                                                           \
 }                                                                                                                     \
 /* the flux spectra fh of (u w, v w) from the stacked spectra a of (w, u, v[, U, V]) (kernels.irfft2_k1 unscaled,  \
@@ -267,7 +279,7 @@ void *slab_plans(long n, long ranks) {
   }
   p->r2c = plan(create_f64, DOMAIN_REAL, n, 2*p->nl, n, m, 0);
   p->c2c_f = plan(create_f64, DOMAIN_COMPLEX, n, 2*kl, n, n, 0);
-  if (!(p->c2c_b[0] && p->c2c_b[1] && p->c2r[0] && p->c2r[1] && p->r2c && p->c2c_f)) { free(p); return 0; }
+  if (!planned((void *[]){p->c2c_b[0], p->c2c_b[1], p->c2r[0], p->c2r[1], p->r2c, p->c2c_f}, 6)) { free(p); return 0; }
   return p;
 }
 
