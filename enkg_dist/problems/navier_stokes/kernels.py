@@ -110,7 +110,9 @@ def use_script() -> bool:
 
 
 def scripted(fn):
-    """fn compiled by TorchScript (once per process), or fn itself when TorchScript is off or cannot compile it."""
+    """fn compiled by TorchScript (once per process), or fn itself when TorchScript is off or cannot compile it.
+    Not for inputs that require grad: TorchScript's autodiff runs the graph with requires_grad False inside, so
+    irfft2_k1's out= branch would drop their gradients (solve() runs the eager kernels for them)."""
     return _compiled(fn) if use_script() else fn
 
 
