@@ -44,7 +44,7 @@ from enkg_dist.heap import retain_freed_memory
 from enkg_dist.problems.navier_stokes import NavierStokes2D, fused, grf_vorticity, solve
 from enkg_dist.problems.navier_stokes.kernels import irfft2_k1, rfft2_k1, scripted
 from enkg_dist.problems.navier_stokes.lane_threads import run_all, single_threaded_ops
-from enkg_dist.problems.navier_stokes.solver import default_chunk, resolve_chunk
+from enkg_dist.problems.navier_stokes.solver import resolve_chunk, whole_step_in_c
 
 
 class AuthorsNS:
@@ -119,9 +119,10 @@ def fft_floor(eq: NavierStokes2D, w0: torch.Tensor, steps: int) -> int:
     """Only the transforms of our paper-mode steps, `steps` per member, in the solver's lanes and threads, as the
     solver runs them: in C where its whole step is (`fused.mkl_bound`), else scripted like its kernels. Returns the
     member-steps done."""
-    n, chunk = eq.n, default_chunk(eq.n, w0.dtype)
     threads = torch.get_num_threads()  # the caller's: single_threaded_ops sets this thread's count to 1
-    if fused.usable(n, w0.dtype, w0.device) and fused.mkl_bound():
+    whole_c = whole_step_in_c(eq)
+    n, chunk = eq.n, resolve_chunk(None, eq, "paper", None, w0.shape[0], threads, whole_c)  # the solver's lanes
+    if whole_c:
         sizes = [min(chunk, w0.shape[0] - i) for i in range(0, w0.shape[0], chunk)]
         with single_threaded_ops():
             run_all([lambda b=b: fused.transforms(n, w0.dtype, b, 5, steps) for b in sizes], threads)
@@ -202,9 +203,11 @@ def main():
     print(f"paper mode takes the reference's {ref_steps} steps; max |ours - reference| / max |reference| = {diff:.1e}")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    auto = resolve_chunk("auto", eq, "per_member", None, B)  # NavierStokesForward's default: checked once per process
-    print(f"member_chunk auto (the jobs' default) runs lanes of {auto} members here ('per_member' above: "
-          f"{default_chunk(n, dtype)}); its start-up check took {time.perf_counter() - t0:.2f} s")
+    for k in args.threads:  # NavierStokesForward's default: checked once per process
+        auto = resolve_chunk("auto", eq, "per_member", None, B, k, whole_step_in_c(eq))
+        default = resolve_chunk(None, eq, "per_member", None, B, k, whole_step_in_c(eq))
+        print(f"member_chunk auto (the jobs' default) runs lanes of {auto} members here at {k} thread(s) "
+              f"('per_member' above: {default}); its start-up check took {time.perf_counter() - t0:.2f} s")
     torch.set_num_threads(before)
     print(load())
 

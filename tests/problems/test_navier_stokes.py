@@ -16,8 +16,9 @@ from enkg_dist.problems.navier_stokes import (
     metrics,
     solve,
 )
-from enkg_dist.problems.navier_stokes import solver as solver_mod
-from enkg_dist.problems.navier_stokes.solver import batch_invariant, default_chunk, resolve_chunk
+from enkg_dist.problems.navier_stokes import fused, solver as solver_mod
+from enkg_dist.problems.navier_stokes.solver import (C_STEP_LANES, batch_invariant, default_chunk, resolve_chunk,
+                                                     whole_step_in_c)
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +194,19 @@ def test_default_lanes_fit_the_cache():
     assert default_chunk(128, torch.float32) == 4 and default_chunk(512, torch.float64) == 1
     assert default_chunk(16, torch.float64) == 64
     assert default_chunk(32, torch.float32) == 2 * default_chunk(32, torch.float64)
+
+
+def test_lanes_of_the_whole_step_in_c_are_the_threads_shares_of_the_batch():
+    eq = NavierStokes2D(32, dealias="disc")
+    lanes = lambda batch, threads: resolve_chunk(None, eq, "per_member", None, batch, threads, True)  # noqa: E731
+    assert lanes(16, 1) == 16 and lanes(16, 2) == 8 and lanes(17, 2) == 9 and lanes(3, 4) == 1
+    assert lanes(100, 2) == C_STEP_LANES and lanes(100, 1) == C_STEP_LANES
+    assert resolve_chunk(5, eq, "per_member", None, 16, 2, True) == 5  # a given chunk is kept
+    # "auto" checks every lane size up to C_STEP_LANES once, then takes the threads' shares
+    k = resolve_chunk("auto", eq, "per_member", None, 16, 2, True)
+    assert k == (8 if batch_invariant(eq, C_STEP_LANES) else 1)
+    assert whole_step_in_c(eq) == (fused.usable(32, eq.dtype, eq.device) and fused.mkl_bound())
+    assert not whole_step_in_c(eq, tracked=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

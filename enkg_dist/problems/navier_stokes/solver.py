@@ -45,6 +45,11 @@ MAX_CHUNK = 64
 # passes, and it runs one-thread solves from this grid on only: 8-20 % faster at 64^2 and 128^2, no faster at 32^2,
 # and with lanes on two threads its Python glue queues for the GIL
 FUSED_FROM_N = 64
+# the whole step in C runs a lane's members one at a time in one member's scratch, so a lane's size costs no cache:
+# lanes as large as this, but no larger than the batch's share of one thread (every thread gets a lane). At 128^2,
+# 16 members, float32, best of 3: one thread, paper mode 1.95 / 1.87 / 1.80 s with lanes of 4 / 8 / 16, per-member
+# 1.56 / 1.47 / 1.47 s; two threads, lanes of 4 / 8: paper 1.20 / 1.09 s, per-member 0.89 / 0.78 s
+C_STEP_LANES = 16
 
 
 @dataclass
@@ -137,18 +142,28 @@ def _same_bits_batched(eq: NavierStokes2D, chunk: int, mode: str, dt: float | No
     return True
 
 
-def resolve_chunk(chunk: int | str | None, eq: NavierStokes2D, mode: str, dt: float | None, batch: int) -> int:
-    """Members per lane: chunk as given; None: `default_chunk` (the whole batch off the CPU); "auto": the default
-    where `batch_invariant` finds it gives chunk=1's bits on this machine, else 1 (the whole batch off the CPU).
-    The check covers every lane size up to the default, so one check per process serves every batch size."""
+def resolve_chunk(chunk: int | str | None, eq: NavierStokes2D, mode: str, dt: float | None, batch: int,
+                  threads: int = 1, whole_step_in_c: bool = False) -> int:
+    """Members per lane: chunk as given; None: `default_chunk`, or with the whole step in C (`whole_step_in_c`) up to
+    C_STEP_LANES, at most the batch's share of each of `threads` threads (the whole batch off the CPU); "auto": that
+    where `batch_invariant` finds lanes up to it give chunk=1's bits on this machine, else 1 (the whole batch off the
+    CPU). The check covers every lane size up to the largest, so one check per process serves every batch size."""
     if chunk is None or chunk == AUTO:
         if eq.device.type != "cpu":
             return max(batch, 1)
-        k = default_chunk(eq.n, eq.dtype)
-        return k if chunk is None or batch_invariant(eq, k, mode, dt) else 1
+        k = C_STEP_LANES if whole_step_in_c else default_chunk(eq.n, eq.dtype)
+        use = max(1, min(k, -(-batch // max(threads, 1)))) if whole_step_in_c else k
+        return use if chunk is None or batch_invariant(eq, k, mode, dt) else 1
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, None or {AUTO!r}, got {chunk!r}")
     return chunk
+
+
+def whole_step_in_c(eq: NavierStokes2D, tracked: bool = False) -> bool:
+    """Whether a solve of eq runs the whole lane step in C (`fused.lane_step` with MKL bound): on CPU, not under
+    autograd (`tracked`), where the fused library is usable for eq's grid and dtype and binds MKL."""
+    return (not tracked and eq.device.type == "cpu" and fused.usable(eq.n, eq.dtype, eq.device)
+            and fused.mkl_bound())
 
 
 def _default_equation(omega: torch.Tensor, mode: str) -> NavierStokes2D:
@@ -282,8 +297,11 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     cpu = omega0.device.type == "cpu"
     if cpu:
         retain_freed_memory()  # a lane's temporaries exceed malloc's mmap threshold: page faults on every op otherwise
-    chunk = resolve_chunk(chunk, eq, mode, dt, omega0.shape[0])
     threads = (threads or torch.get_num_threads()) if cpu else 1
+    # under autograd the kernels run eager (see below), never the C step
+    tracked = torch.is_grad_enabled() and omega0.requires_grad
+    whole_c = whole_step_in_c(eq, tracked)
+    chunk = resolve_chunk(chunk, eq, mode, dt, omega0.shape[0], threads, whole_c)
     mu = step_viscosity(eq)
     T = float(T)
     if not T >= 0:
@@ -311,13 +329,12 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     # kernels run eager: TorchScript's autodiff runs a graph with requires_grad False inside, so the inverse FFT's
     # CPU branch (out=, not differentiable) dropped gradients whenever a process's first scripted call was tracked;
     # the C step has no backward at all
-    tracked = torch.is_grad_enabled() and omega0.requires_grad
     script = cpu and not tracked
     lane_kernels = (kernels.lane_step, kernels.look)
     if script:
         lane_kernels = (scripted(kernels.lane_step), scripted(kernels.look))
-    if (not tracked and fused.usable(eq.n, eq.dtype, omega0.device)
-            and (fused.mkl_bound() or (threads == 1 and eq.n >= FUSED_FROM_N))):
+    if whole_c or (not tracked and threads == 1 and eq.n >= FUSED_FROM_N
+                   and fused.usable(eq.n, eq.dtype, omega0.device)):
         lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, in C
     factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if script else kernels.cn_factors)
 
