@@ -17,8 +17,7 @@ from enkg_dist.problems.navier_stokes import (
     solve,
 )
 from enkg_dist.problems.navier_stokes import fused, solver as solver_mod
-from enkg_dist.problems.navier_stokes.solver import (C_STEP_LANES, batch_invariant, default_chunk, resolve_chunk,
-                                                     whole_step_in_c)
+from enkg_dist.problems.navier_stokes.solver import batch_invariant, default_chunk, resolve_chunk, whole_step_in_c
 
 
 @pytest.fixture(autouse=True)
@@ -200,11 +199,12 @@ def test_lanes_of_the_whole_step_in_c_are_the_threads_shares_of_the_batch():
     eq = NavierStokes2D(32, dealias="disc")
     lanes = lambda batch, threads: resolve_chunk(None, eq, "per_member", None, batch, threads, True)  # noqa: E731
     assert lanes(16, 1) == 16 and lanes(16, 2) == 8 and lanes(17, 2) == 9 and lanes(3, 4) == 1
-    assert lanes(100, 2) == C_STEP_LANES and lanes(100, 1) == C_STEP_LANES
+    assert lanes(200, 2) == lanes(200, 1) == default_chunk(32, eq.dtype, True) == 64  # MAX_CHUNK
+    assert default_chunk(128, torch.float32, True) == 16 and default_chunk(64, torch.float32, True) == 64
     assert resolve_chunk(5, eq, "per_member", None, 16, 2, True) == 5  # a given chunk is kept
-    # "auto" checks every lane size up to C_STEP_LANES once, then takes the threads' shares
+    # "auto" checks every lane size up to the default once, then takes the threads' shares
     k = resolve_chunk("auto", eq, "per_member", None, 16, 2, True)
-    assert k == (8 if batch_invariant(eq, C_STEP_LANES) else 1)
+    assert k == (8 if batch_invariant(eq, default_chunk(32, eq.dtype, True)) else 1)
     assert whole_step_in_c(eq) == (fused.usable(32, eq.dtype, eq.device) and fused.mkl_bound())
     assert not whole_step_in_c(eq, tracked=True)
 

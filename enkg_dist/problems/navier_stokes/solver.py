@@ -45,11 +45,6 @@ MAX_CHUNK = 64
 # passes, and it runs one-thread solves from this grid on only: 8-20 % faster at 64^2 and 128^2, no faster at 32^2,
 # and with lanes on two threads its Python glue queues for the GIL
 FUSED_FROM_N = 64
-# the whole step in C runs a lane's members one at a time in one member's scratch, so a lane's size costs no cache:
-# lanes as large as this, but no larger than the batch's share of one thread (every thread gets a lane). At 128^2,
-# 16 members, float32, best of 3: one thread, paper mode 1.95 / 1.87 / 1.80 s with lanes of 4 / 8 / 16, per-member
-# 1.56 / 1.47 / 1.47 s; two threads, lanes of 4 / 8: paper 1.20 / 1.09 s, per-member 0.89 / 0.78 s
-C_STEP_LANES = 16
 
 
 @dataclass
@@ -88,14 +83,20 @@ def _cfl_steps(speeds: list[float], h: float, mu: float, cfl: float) -> list[flo
     return [min(cfl * h / s, viscous) if s != 0 else viscous for s in speeds]  # NaN speed -> NaN step
 
 
-def default_chunk(n: int, dtype: torch.dtype) -> int:
+def default_chunk(n: int, dtype: torch.dtype, whole_step_in_c: bool = False) -> int:
     """Members per lane on CPU: the largest power of two (1..MAX_CHUNK) whose ~20 real n x n work arrays per member
     fit in LANE_BYTES. Small grids batch to spread the per-call overhead; larger lanes fall out of cache. Measured
     with freed memory retained (the solver's default), one thread, float32, member-steps/s by members per lane:
     128^2 paper mode 1709 / 1981 / 2163 / 1933 / 1646 for 1 / 2 / 4 / 8 / 16 in one run, 2 and 4 within noise of
     each other in six alternating rounds (0.84-1.19); 64^2 per-member steps 5962 / 7357 / 8184 / 7562 for 4 / 8 /
-    16 / 32, and 16 ahead of 8 by 10 % in a second session."""
-    per_member = 20 * n * n * torch.empty((), dtype=dtype).element_size()
+    16 / 32, and 16 ahead of 8 by 10 % in a second session.
+
+    The whole step in C (`whole_step_in_c`) works a member at a time in one member's scratch: only the lane's state
+    (~8 arrays a member) counts. Float32, one thread, seconds by members per lane: 128^2, 16 members, paper mode
+    1.95 / 1.87 / 1.80 for 4 / 8 / 16, per-member 1.56 / 1.47 / 1.47; 32 members, per-member 1.55 / 1.57 / 1.69
+    for 8 / 16 / 32; 64^2, 64 members 2.18 / 2.06 / 1.96 / 1.97 for 8 / 16 / 32 / 64; 32^2 0.78 / 0.67 / 0.63 /
+    0.61. `resolve_chunk` gives each thread a lane at least."""
+    per_member = (8 if whole_step_in_c else 20) * n * n * torch.empty((), dtype=dtype).element_size()
     return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
 
 
@@ -144,14 +145,15 @@ def _same_bits_batched(eq: NavierStokes2D, chunk: int, mode: str, dt: float | No
 
 def resolve_chunk(chunk: int | str | None, eq: NavierStokes2D, mode: str, dt: float | None, batch: int,
                   threads: int = 1, whole_step_in_c: bool = False) -> int:
-    """Members per lane: chunk as given; None: `default_chunk`, or with the whole step in C (`whole_step_in_c`) up to
-    C_STEP_LANES, at most the batch's share of each of `threads` threads (the whole batch off the CPU); "auto": that
-    where `batch_invariant` finds lanes up to it give chunk=1's bits on this machine, else 1 (the whole batch off the
-    CPU). The check covers every lane size up to the largest, so one check per process serves every batch size."""
+    """Members per lane: chunk as given; None: `default_chunk`, with the whole step in C (`whole_step_in_c`) at most
+    the batch's share of each of `threads` threads (two threads with 16 members, paper mode at 128^2: lanes of 4 / 8
+    1.20 / 1.09 s, per-member 0.89 / 0.78 s; the whole batch off the CPU); "auto": that where `batch_invariant` finds
+    lanes up to the default give chunk=1's bits on this machine, else 1 (the whole batch off the CPU). The check covers
+    every lane size up to the default, so one check per process serves every batch size."""
     if chunk is None or chunk == AUTO:
         if eq.device.type != "cpu":
             return max(batch, 1)
-        k = C_STEP_LANES if whole_step_in_c else default_chunk(eq.n, eq.dtype)
+        k = default_chunk(eq.n, eq.dtype, whole_step_in_c)
         use = max(1, min(k, -(-batch // max(threads, 1)))) if whole_step_in_c else k
         return use if chunk is None or batch_invariant(eq, k, mode, dt) else 1
     if not (isinstance(chunk, int) and chunk >= 1):
