@@ -199,8 +199,9 @@ def test_lanes_of_the_whole_step_in_c_are_the_threads_shares_of_the_batch():
     eq = NavierStokes2D(32, dealias="disc")
     lanes = lambda batch, threads: resolve_chunk(None, eq, "per_member", None, batch, threads, True)  # noqa: E731
     assert lanes(16, 1) == 16 and lanes(16, 2) == 8 and lanes(17, 2) == 9 and lanes(3, 4) == 1
-    assert lanes(200, 2) == lanes(200, 1) == default_chunk(32, eq.dtype, True) == 64  # MAX_CHUNK
-    assert default_chunk(128, torch.float32, True) == 16 and default_chunk(64, torch.float32, True) == 64
+    assert lanes(200, 2) == lanes(200, 1) == default_chunk(32, eq.dtype, True) == default_chunk(32, eq.dtype)
+    assert default_chunk(128, torch.float32, True) == 16 and default_chunk(64, torch.float32, True) == 32
+    assert default_chunk(32, torch.float32, True) == 64  # MAX_CHUNK by the first rule already
     assert resolve_chunk(5, eq, "per_member", None, 16, 2, True) == 5  # a given chunk is kept
     # "auto" checks every lane size up to the default once, then takes the threads' shares
     k = resolve_chunk("auto", eq, "per_member", None, 16, 2, True)

@@ -40,6 +40,7 @@ MODES = ("per_member", "fixed", "paper")
 LANDING_TOL = 1e-9  # a step within this fraction of dt of T is stretched to land on T (no sliver step)
 LANE_BYTES = 8 << 20  # default lane on CPU: as many members as keep their ~20 work arrays within this
 MAX_CHUNK = 64
+C_STEP_LANES = 32  # the whole step in C: the most members a lane takes beyond the first rule's (default_chunk)
 # the fused lane step (fused.py) runs every CPU solve where it binds MKL (one C call a lane step, no GIL: 1.2-1.9x
 # the scripted kernel at 32^2-128^2, one and two threads); without MKL its transforms are torch calls between the C
 # passes, and it runs one-thread solves from this grid on only: 8-20 % faster at 64^2 and 128^2, no faster at 32^2,
@@ -95,9 +96,15 @@ def default_chunk(n: int, dtype: torch.dtype, whole_step_in_c: bool = False) -> 
     (~8 arrays a member) counts. Float32, one thread, seconds by members per lane: 128^2, 16 members, paper mode
     1.95 / 1.87 / 1.80 for 4 / 8 / 16, per-member 1.56 / 1.47 / 1.47; 32 members, per-member 1.55 / 1.57 / 1.69
     for 8 / 16 / 32; 64^2, 64 members 2.18 / 2.06 / 1.96 / 1.97 for 8 / 16 / 32 / 64; 32^2 0.78 / 0.67 / 0.63 /
-    0.61. `resolve_chunk` gives each thread a lane at least."""
-    per_member = (8 if whole_step_in_c else 20) * n * n * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // per_member, 1)))))
+    0.61. Those lanes stop at C_STEP_LANES where the first rule's are not larger: 64 at 64^2 ran no faster than 32,
+    and `batch_invariant`'s check of every size up to it took 1.83 s against 0.51 s. `resolve_chunk` gives each
+    thread a lane at least."""
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def fit(arrays: int) -> int:
+        return max(1, min(MAX_CHUNK, 2 ** int(math.log2(max(LANE_BYTES // (arrays * n * n * size), 1)))))
+
+    return max(fit(20), min(fit(8), C_STEP_LANES)) if whole_step_in_c else fit(20)
 
 
 AUTO = "auto"
