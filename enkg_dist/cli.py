@@ -66,7 +66,7 @@ def run(
         cfg = cfgmod.load_config(job, set_)
     except cfgmod.ConfigError as e:
         _fail(str(e))
-    from enkg_dist import api, runner  # torch and Ray: after the job is known to be valid
+    from enkg_dist import api, assembly, runner  # torch and Ray: after the job is known to be valid
 
     if dry_run:
         typer.echo(cfgmod.dump(cfg), nl=False)
@@ -75,7 +75,7 @@ def run(
 
         typer.echo(f"# memory: {json.dumps(budget.describe(cfg))}")
         try:
-            typer.echo(f"# devices: {json.dumps(runner.devices_plan(cfg, address))}")
+            typer.echo(f"# devices: {json.dumps(assembly.devices_plan(cfg, address))}")
             budget.check_memory(cfg)
         except cfgmod.ConfigError as e:
             _fail(str(e))
