@@ -185,7 +185,7 @@ class SlabNavierStokes:
         the fused C loops (the same operations, so the same bits): (w_{n+1}, N(w_{n+1}) or None, this rank's
         max|u|^2 or None, whether this rank's w_{n+1} is not finite)."""
         lib, M, n = fused.library(), self.n * self.fft.kl, self.n
-        e, g = cn_factors(self.half_viscous_c, dt, None)
+        e, g = fused.cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
         fidx = self.fidx
         ew, spec = _slab_spectra(1, self.fft), _slab_spectra(3, self.fft)
@@ -213,7 +213,7 @@ class SlabNavierStokes:
         3: N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not
         finite)."""
         lib, b = fused.library(), self._buffers()
-        e, g = cn_factors(self.half_viscous_c, dt, None)
+        e, g = fused.cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
         lib.slab_predict(b.plans, *(t.data_ptr() for t in (w_hat, e, g, n1, self._tendency_mult, b.ew, b.spec, b.out)))
         flux = self._c_flux(lib, b, 3, False)

@@ -96,6 +96,21 @@ def test_the_whole_step_in_c_binds_torchs_mkl_here(lib):
     assert fused.mkl_bound()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_c_step_factors_are_torchs_bytes(lib, dtype):
+    # kernels.cn_factors' five complex passes against one C pass, for one dt and per-member dts, byte for byte
+    hv = NavierStokes2D(64, dealias="two_thirds", dtype=dtype).half_viscous_c
+    dts = torch.tensor([1e-3, 3.7e-4, 0.0123], dtype=dtype)[:, None, None]
+    for dt, per in ((1e-3, None), (0.0123, None), (0.0, dts)):
+        for ours, torchs in zip(fused.cn_factors(hv, dt, per), kernels.cn_factors(hv, dt, per)):
+            assert ours.shape == torchs.shape and ours.stride() == torchs.stride()
+            assert torch.equal(torch.view_as_real(ours).contiguous().view(torch.uint8),
+                               torch.view_as_real(torchs).contiguous().view(torch.uint8))
+    # an L/2 with imaginary parts (no equation makes one) goes to torch
+    odd = hv + 1e-3j
+    assert torch.equal(fused.cn_factors(odd, 1e-3, None)[0], kernels.cn_factors(odd, 1e-3, None)[0])
+
+
 def test_transforms_mkl_cannot_plan_raise_one_clear_error(lib):
     # 3^2 over 4 ranks: the column plans are made, the row plans (no rows) are not, and are freed; 0^2: none is made
     if not fused.mkl_bound():

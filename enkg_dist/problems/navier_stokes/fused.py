@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from enkg_dist.problems.navier_stokes import kernels
 from enkg_dist.problems.navier_stokes.equation import k1_contiguous
 from enkg_dist.problems.navier_stokes.fused_source import SOURCE
 
@@ -122,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         step = getattr(lib, f"step_{suffix}")
         step.argtypes = [types[c] for c in "pllpplpplpppltppppp"]
         step.restype = None
+        factors = getattr(lib, f"cn_factors_{suffix}")
+        factors.argtypes, factors.restype = [ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 4, ctypes.c_int
         floor = getattr(lib, f"transforms_{suffix}")
         floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
         getattr(lib, f"plans_{suffix}").argtypes = [ctypes.c_long]
@@ -200,6 +203,23 @@ def transforms(n: int, dtype: torch.dtype, B: int, K: int, steps: int) -> None:
     lib, s = library(), "f32" if dtype == torch.float32 else "f64"
     if getattr(lib, f"transforms_{s}")(_member_plans(lib, s, n), B, K, steps):
         raise MemoryError("the transforms could not allocate their scratch")
+
+
+def cn_factors(half_viscous_c: torch.Tensor, dt: float, dts: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.cn_factors` in one C pass (the same bits) for a k1-contiguous (N, Kl) L/2 with zero imaginary parts,
+    as NavierStokes2D and the MPI slab make it (torch's five passes otherwise): one dt, or dts (B, 1, 1)."""
+    n, kl = half_viscous_c.shape
+    if half_viscous_c.stride() != (1, n) or half_viscous_c.dtype not in (torch.complex64, torch.complex128):
+        return kernels.cn_factors(half_viscous_c, dt, dts)
+    real = half_viscous_c.real.dtype
+    steps = torch.tensor([dt], dtype=real) if dts is None else dts.reshape(-1).to(real).contiguous()
+    B = steps.numel()
+    e, g = (torch.empty(B, kl, n, dtype=half_viscous_c.dtype).transpose(-1, -2) for _ in range(2))
+    fn = getattr(library(), f"cn_factors_{'f32' if real == torch.float32 else 'f64'}")
+    if fn(B, n * kl, half_viscous_c.data_ptr(), steps.data_ptr(), e.data_ptr(), g.data_ptr()):
+        return kernels.cn_factors(half_viscous_c, dt, dts)
+    return (e[0], g[0]) if dts is None else (e, g)
 
 
 def _spectra(B: int, K: int, n: int, cdtype: torch.dtype) -> torch.Tensor:

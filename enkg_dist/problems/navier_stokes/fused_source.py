@@ -256,8 +256,24 @@ int transforms_##S(const Plans *p, long B, long K, long steps) {                
   free(a); return 0;                                                                                                  \
 }
 
+/* kernels.cn_factors for a real L/2 (hv's imaginary parts all zero, as NavierStokes2D makes it) and B steps dts:
+   q = 1/(1 - a dt), e = 2q - 1, g = q dt, imaginary parts +0 (torch's complex ops give these bits for such input,
+   tested); returns 1, having written nothing useful, where an imaginary part of hv is not zero */
+#define FACTORS(T, S)                                                                                                 \
+int cn_factors_##S(long B, long M, const T *R hv, const T *R dts, T *R e, T *R g) {                                   \
+  for (long i = 0; i < M; i++) if (hv[2*i+1] != (T)0) return 1;                                                       \
+  for (long b = 0; b < B; b++) {                                                                                      \
+    T d = dts[b]; T *R eb = e + 2*b*M, *R gb = g + 2*b*M;                                                             \
+    _Pragma("GCC ivdep") for (long i = 0; i < M; i++) {                                                               \
+      T q = (T)1 / ((T)1 - hv[2*i] * d);                                                                              \
+      eb[2*i] = (T)2 * q - (T)1; eb[2*i+1] = (T)0; gb[2*i] = q * d; gb[2*i+1] = (T)0;                                 \
+    }                                                                                                                 \
+  }                                                                                                                   \
+  return 0;                                                                                                           \
+}
+
 #define ALL(T, S, TMAX, FMAX, TILE) PREDICT(T, S) CORRECT(T, S, 3) CORRECT(T, S, 5) FINITE(T, S, TMAX)                \
-  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE) STEP(T, S)
+  DRIVE_CORRECT(T, S) TENDENCY(T, S) PRODUCT(T, S, FMAX) TRANSPOSE(S, TILE) STEP(T, S) FACTORS(T, S)
 ALL(float, f32, FLT_MAX, fmaxf, 32)
 ALL(double, f64, DBL_MAX, fmax, 16)
 

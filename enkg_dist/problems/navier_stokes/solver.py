@@ -345,7 +345,10 @@ def solve(omega0: torch.Tensor, T: float = 1.0, *, mode: str = "per_member", equ
     if whole_c or (not tracked and threads == 1 and eq.n >= FUSED_FROM_N
                    and fused.usable(eq.n, eq.dtype, omega0.device)):
         lane_kernels = (fused.lane_step, lane_kernels[1])  # the same bits, in C
-    factors = _StepFactors(eq.half_viscous_c, scripted(kernels.cn_factors) if script else kernels.cn_factors)
+    factor_kernel = scripted(kernels.cn_factors) if script else kernels.cn_factors
+    if lane_kernels[0] is fused.lane_step:
+        factor_kernel = fused.cn_factors  # one C pass for torch's five, the same bits
+    factors = _StepFactors(eq.half_viscous_c, factor_kernel)
 
     def start(k: int) -> None:
         lanes[k] = _Lane(groups[k], eq.fft(omega0[groups[k]], k1_contiguous=True), eq, adaptive, lane_kernels, factors)
