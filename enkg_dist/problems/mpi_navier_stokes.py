@@ -17,7 +17,7 @@ is four C calls a step (`SlabNavierStokes.c_step`: its transforms planned as tor
 the serial solver's fused loops, in buffers kept from step to step), the same bits as the torch ops; without MKL the
 passes alone are C (ENKG_NS_FUSED_MKL=0), and ENKG_MPI_FUSED=0 runs every pass and transform as a torch op. Each step
 moves 12 fields in 4 transposes, the step rule's velocity riding with the corrector's fields, and one Allreduce (the
-step rule's max|u| and the finite check together); one rank replaces the Alltoalls by nothing (its send buffer is
+step rule's max|u| and the finite check together; on the C path an Iallreduce overlapping the last Alltoall); one rank replaces the Alltoalls by nothing (its send buffer is
 what it receives). mpi4py is imported lazily (only the MPI modules may import it, see tests/test_architecture.py;
 the slab classes are in mpi_slab.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source
 build needs system FFTW libraries, so it does not install from PyPI alone.
@@ -179,10 +179,12 @@ def solve_mpi(omega0: np.ndarray | None, T: float = 1.0, *, comm=None, dt: float
                 n1, s2_local = eq.tendency(w_hat, speed=True)
         t = T if last else t + step
         steps += 1
-        if look:
+        if eq.c_kernels and n1 is not None:  # c_step looked: its max|u|^2 and flag are over the ranks already
+            s2, bad = (s2_local if look else s2), local_bad
+        elif look:
             s2, bad = _max_of(comm, s2_local, local_bad)
         else:
-            n1, bad = n1 if eq.c_kernels and not adaptive else None, _any(comm, local_bad)
+            n1, bad = None, _any(comm, local_bad)
         bad = bad_speed or bad
         at = f"at step {steps} (t={t:.4g})"
         if bad:

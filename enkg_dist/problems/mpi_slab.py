@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from enkg_dist.problems.navier_stokes import fused
@@ -184,7 +185,7 @@ class SlabNavierStokes:
         """`heun_cn_step` and, with look=True, `tendency(..., speed=True)` at the new state, the elementwise passes in
         the fused C loops (the same operations, so the same bits): (w_{n+1}, N(w_{n+1}) or None, this rank's
         max|u|^2 or None, whether this rank's w_{n+1} is not finite)."""
-        lib, M, n = fused.library(), self.n * self.fft.kl, self.n
+        lib, M = fused.library(), self.n * self.fft.kl
         e, g = fused.cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
         fidx = self.fidx
@@ -209,9 +210,10 @@ class SlabNavierStokes:
     def c_step(self, w_hat: torch.Tensor, dt: float, n1: torch.Tensor, K: int
                ) -> tuple[torch.Tensor, torch.Tensor | None, float | None, bool]:
         """`fused_step` with this rank's transforms in C as well (MKL, planned as torch plans them, so the same bits;
-        `c_kernels`), in buffers kept from step to step. K: the look's fields (5: N(w_{n+1}) and this rank's max|u|^2;
-        3: N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not
-        finite)."""
+        `c_kernels`), in buffers kept from step to step. K: the look's fields (5: N(w_{n+1}) and max|u|^2; 3:
+        N(w_{n+1}); 0: neither, for the last step): (w_{n+1}, N(w_{n+1}), max|u|^2, whether w_{n+1} is not finite).
+        With a look, max|u|^2 (NaN counted as inf) and the flag are already the maxima over the ranks: their
+        Iallreduce overlaps the look's last Alltoall, so the step has no collective of its own; without, this rank's."""
         lib, b = fused.library(), self._buffers()
         e, g = fused.cn_factors(self.half_viscous_c, dt, None)
         w_hat, n1, e, g = (k1_contiguous(t) for t in (w_hat, n1, e, g))  # copies only where not dense
@@ -223,19 +225,32 @@ class SlabNavierStokes:
         bad = bool(b.bad.isnan())
         if not K:
             return w, None, None, bad
-        flux = self._c_flux(lib, b, K, K == 5)
+        pending = []
+
+        def reduce() -> None:  # this rank's (max|u|^2, flag), reduced while the flux rows move
+            s2 = float(b.s2) if K == 5 else 0.0
+            b.reduced[:] = (s2 if math.isfinite(s2) else math.inf, float(bad))
+            if self.fft.size > 1:
+                pending.append(self.fft.comm.Iallreduce(mpi_constant("IN_PLACE"), b.reduced, op=mpi_constant("MAX")))
+
+        flux = self._c_flux(lib, b, K, K == 5, reduce)
         n1_next = _slab_spectra(1, self.fft)[0]
         lib.slab_tendency(b.plans, flux.data_ptr(), b.fh.data_ptr(), self._flux_mult.data_ptr(), self.fidx,
                           self.f_mode, n1_next.data_ptr())
-        return w, n1_next, (float(b.s2) if K == 5 else None), bad
+        for request in pending:
+            request.Wait()
+        return w, n1_next, (float(b.reduced[0]) if K == 5 else None), bool(b.reduced[1])
 
-    def _c_flux(self, lib, b: "_Buffers", K: int, speed: bool) -> torch.Tensor:
+    def _c_flux(self, lib, b: "_Buffers", K: int, speed: bool, before_exchange=None) -> torch.Tensor:
         """The rows of the flux spectra (2, kl, N), before their last transform, from the K fields' first inverse
-        stage in b.out: Alltoall, the products (this rank's max|u|^2 into b.s2 with speed), Alltoall."""
+        stage in b.out: Alltoall, the products (this rank's max|u|^2 into b.s2 with speed), `before_exchange()`,
+        Alltoall."""
         R, kl, nl = self.fft.size, self.fft.kl, self.fft.nl
         recv = self.fft.exchange_inverse(b.out[:K], b.recv[: R * K * kl * nl].view(R, K, kl, nl) if R > 1 else None)
         lib.slab_flux(b.plans, K, recv.data_ptr(), *(t.data_ptr() for t in (b.half, b.fields, b.fl, b.a, b.send)),
                       b.s2.data_ptr() if speed else None)
+        if before_exchange is not None:
+            before_exchange()
         return self.fft.exchange_forward(b.send, b.flux)
 
     def _buffers(self) -> "_Buffers":
@@ -277,6 +292,7 @@ class _Buffers:
         self.fl = torch.empty(2, nl, n, dtype=r)
         self.send, self.flux = torch.empty(R, 2, kl, nl, dtype=c), torch.empty(2, kl, n, dtype=c)
         self.bad, self.s2 = torch.empty(1, dtype=r), torch.empty(1, dtype=r)
+        self.reduced = np.empty(2)  # (max|u|^2, non-finite flag) of the step's look, reduced over the ranks
 
 
 def _slab_spectra(K: int, fft: SlabFFT) -> torch.Tensor:

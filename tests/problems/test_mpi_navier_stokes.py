@@ -102,6 +102,10 @@ def test_failures_exit_nonzero_with_the_reason(mpirun, tmp_path):
     proc = run_program(mpirun, 2, tmp_path, x_field(0), "--T", "1", "--max-steps", "2", check=False)
     assert proc.returncode != 0 and "step budget exhausted: 2 steps" in proc.stderr
     assert not (tmp_path / "out.npy").exists()
+    # a fixed step far too long for the field: the ranks agree that the vorticity blew up (the flag rides with the
+    # look's last Alltoall) and stop together
+    proc = run_program(mpirun, 2, tmp_path, 1e5 * x_field(0), "--T", "1", "--dt", "0.001", check=False)
+    assert proc.returncode == 3 and "non-finite vorticity at step" in proc.stderr
     proc = run_program(mpirun, 4, tmp_path, torch.zeros(1, N + 2, N + 2), check=False)  # 34 rows on 4 ranks
     assert proc.returncode == 2 and "not divisible by 4 ranks" in proc.stderr
     proc = run_program(mpirun, 2, tmp_path, torch.zeros(1, N + 1, N + 1), check=False)  # 33 % k != 0
