@@ -19,8 +19,9 @@ passes alone are C (ENKG_NS_FUSED_MKL=0), and ENKG_MPI_FUSED=0 runs every pass a
 moves 12 fields in 4 transposes, the step rule's velocity riding with the corrector's fields, and one Allreduce (the
 step rule's max|u| and the finite check together; on the C path an Iallreduce overlapping the last Alltoall); one
 rank replaces the Alltoalls by nothing (its send buffer is what it receives). mpi4py is imported lazily (only the MPI
-modules may import it, see tests/test_architecture.py; the slab classes are in mpi_slab.py). mpi4py-fft was tried for the distributed FFTs: it has no wheel and its source
-build needs system FFTW libraries, so it does not install from PyPI alone.
+modules may import it, see tests/test_architecture.py; the slab classes are in mpi_slab.py). mpi4py-fft was tried for
+the distributed FFTs: it has no wheel and its source build needs system FFTW libraries, so it does not install from
+PyPI alone.
 
 As a program (plugs into ExternalProgramForward as a simulator that needs MPI):
 
