@@ -129,8 +129,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         floor.argtypes, floor.restype = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long], ctypes.c_int
         getattr(lib, f"plans_{suffix}").argtypes = [ctypes.c_long]
         getattr(lib, f"plans_{suffix}").restype = ctypes.c_void_p
-    types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "t": ctypes.c_double}
-    for name, sig in _SLAB_SIGNATURES.items():  # the MPI slab solver's local work (mpi_slab.py), float64
+    for name, sig in _SLAB_SIGNATURES.items():  # the MPI slab solver's local work (mpi_slab.py): float64's types
         getattr(lib, name).argtypes = [types[c] for c in sig]
         getattr(lib, name).restype = None
     lib.slab_plans.argtypes, lib.slab_plans.restype = [ctypes.c_long, ctypes.c_long], ctypes.c_void_p
