@@ -186,7 +186,6 @@ static void *plan(dfti_create create, int domain, long len, long howmany, long i
 
 /* one member's transforms at n x n: [0] for 3 stacked fields, [1] for 5; the flux pair's forward ones */
 typedef struct { long n; void *c2c[2], *c2r[2], *r2c, *c2c_flux; } Plans;
-#define PLANS(p) (void *[]){p->c2c[0], p->c2c[1], p->c2r[0], p->c2r[1], p->r2c, p->c2c_flux}
 
 /* the lane step of kernels.lane_step for one member at a time (its transforms, the fused passes above and the C
    transposes, all in cache), the members' results independent of each other: chunk=1's bits; buf: one member's
@@ -202,7 +201,9 @@ void *plans_##S(long n) {                                                       
   }                                                                                                                   \
   p->r2c = plan(create_##S, DOMAIN_REAL, n, 2*n, n, m, 0);                                                            \
   p->c2c_flux = plan(create_##S, DOMAIN_COMPLEX, n, 2*m, n, n, 0);                                                    \
-  if (!planned(PLANS(p), 6)) { free(p); return 0; }                                                                  \
+  if (!planned((void *[]){p->c2c[0], p->c2c[1], p->c2r[0], p->c2r[1], p->r2c, p->c2c_flux}, 6)) {                   \
+    free(p); return 0;                                                                                                \
+  }                                                                                                                   \
   return p;                                                                                                           \
 }                                                                                                                     \
 /* the flux spectra fh of (u w, v w) from the stacked spectra a of (w, u, v[, U, V]) (kernels.irfft2_k1 unscaled,  \
@@ -302,7 +303,7 @@ void *slab_plans(long n, long ranks) {
 /* the predictor (ew = w e, spec = (ew + g n1) tm, 3 fields) and the inverse's first stage into out (3, kl, n) */
 void slab_predict(const Slab *p, const double *w, const double *e, const double *g, const double *n1,
                   const double *tm, double *ew, double *spec, double *out) {
-  predict1_f64(p->n * p->kl, w, e, g, n1, tm, ew, spec);
+  predict_f64(1, p->n * p->kl, w, e, 0, g, 0, n1, 0, tm, ew, spec);
   dfti_backward(p->c2c_b[0], spec, out);
 }
 
@@ -316,8 +317,7 @@ void slab_flux(const Slab *p, long K, const double *recv, double *half, double *
     for (long j = 0; j < K; j++)
       tile_copy_f64(kl, nl, (const E_f64 *)recv + (s*K + j)*kl*nl, nl, (E_f64 *)half + j*nl*kp + s*kl, kp);
   dfti_backward(p->c2r[K == 5], half, fields);
-  flux1_f64(P, fields, fields + P, fields + 2*P, fl, fl + P);
-  if (K == 5) *s2 = speed1_f64(P, fields + 3*P, fields + 4*P);
+  product_f64(1, P, K, fields, fl, s2);
   dfti_forward(p->r2c, fl, a);
   for (long r = 0; r < p->ranks; r++) {
     long c = m - r*kl < kl ? (m - r*kl > 0 ? m - r*kl : 0) : kl;  /* rank r's columns that exist */
@@ -334,11 +334,8 @@ void slab_flux(const Slab *p, long K, const double *recv, double *half, double *
 void slab_correct(const Slab *p, long K, const double *spec, double *fh, const double *fm, long fidx, double f_mode,
                   const double *ew, const double *g, const double *n1, const double *lm, double *w, double *look,
                   double *out, double *bad) {
-  long M = p->n * p->kl;
   dfti_forward(p->c2c_f, (void *)spec, fh);
-  if (K == 5) correct1_5_f64(M, fh, fm, fidx, f_mode, ew, g, n1, lm, w, look);
-  else correct1_3_f64(M, fh, fm, fidx, f_mode, ew, g, n1, lm, w, look);
-  *bad = nonfinite_f64(2*M, w) ? NAN : 0.0;
+  correct_f64(1, p->n * p->kl, K, fh, fm, fidx, f_mode, ew, g, 0, n1, 0, lm, w, look, bad);
   dfti_backward(p->c2c_b[K == 5], look, out);
 }
 
@@ -346,7 +343,6 @@ void slab_correct(const Slab *p, long K, const double *spec, double *fh, const d
 void slab_tendency(const Slab *p, const double *spec, double *fh, const double *fm, long fidx, double f_mode,
                    double *out) {
   dfti_forward(p->c2c_f, (void *)spec, fh);
-  tendency1_f64(p->n * p->kl, fh, fm, out);
-  if (fidx >= 0) { out[2*fidx] += f_mode; out[2*fidx+1] += 0.0; }
+  tendency_f64(1, p->n * p->kl, fh, fm, fidx, f_mode, out);
 }
 """
